@@ -1,0 +1,1 @@
+"""Benchmarks behind `edgeloop bench`: each prints a table and writes JSON."""

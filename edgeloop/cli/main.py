@@ -1,0 +1,58 @@
+"""Entry point of the `edgeloop` command."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from edgeloop import __version__
+from edgeloop.cli.lazy import LazyGroup
+from edgeloop.core.errors import EdgeloopError
+from edgeloop.core.logs import setup_logging
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "infra": ("edgeloop.cli.infra_cmd:infra", "Start, stop and inspect the embedded infrastructure."),
+    "registry": ("edgeloop.cli.registry_cmd:registry", "Run the embedded schema registry service."),
+    "schemas": ("edgeloop.cli.schemas_cmd:schemas", "Register and check the event schemas."),
+    "demo": ("edgeloop.cli.demo_cmd:demo", "Bring everything up on this host and show its state."),
+    "bench": ("edgeloop.cli.bench_cmd:bench", "Run benchmarks; print a table and write JSON."),
+}
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy=SUBCOMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="edgeloop")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="kv", show_default=True, type=click.Choice(["kv", "json"]),
+              help="kv: one key=value line per event; json: one JSON object per line.")
+def cli(log_level: str, log_format: str) -> None:
+    """edgeloop closes the loop between a fleet of edge inference devices and a GPU
+    training cluster: devices stream Avro events over MQTT, a bridge moves them into
+    Kafka, agents mine hard examples and tune offload thresholds, a trainer retrains
+    and releases signed models.
+
+    State (endpoints, certificates, logs) lives in $EDGELOOP_HOME, default ./.edgeloop.
+    """
+    setup_logging(log_level, log_format)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except EdgeloopError as exc:
+        # Expected failures print one clear line, not a traceback.
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""The shared runtime every service stands on: errors, settings, logs, metrics, runner."""

@@ -1,0 +1,86 @@
+"""Runs long-lived services until a signal or a crash.
+
+A service is any object with `name` and `async def run(self) -> None` that runs until it
+is cancelled and releases its resources in `finally`. The runner gives every service the
+same shutdown deadline and turns a crash of any one of them into a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+from typing import Protocol
+
+from edgeloop.core.errors import ServiceCrashedError
+from edgeloop.core.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class Service(Protocol):
+    name: str
+
+    async def run(self) -> None: ...
+
+
+class _Stop(Exception):
+    """Raised inside the task group to cancel every service on a signal."""
+
+
+async def run_services(services: Sequence[Service], shutdown_timeout_s: float = 10.0) -> None:
+    """Run `services` concurrently. Returns after SIGINT/SIGTERM once all have stopped.
+
+    Raises ServiceCrashedError when one service fails (the others are cancelled first),
+    or when the services did not stop within `shutdown_timeout_s` after a signal.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+
+    async def supervised(service: Service) -> None:
+        log.info("service starting", extra={"service": service.name})
+        try:
+            await service.run()
+        except asyncio.CancelledError:
+            log.info("service stopped", extra={"service": service.name})
+            raise
+        except Exception as exc:
+            log.exception("service crashed", extra={"service": service.name})
+            raise ServiceCrashedError(f"service {service.name!r} crashed: {exc!r}") from exc
+        # A service that returns on its own is finished work, not a crash.
+        log.info("service finished", extra={"service": service.name})
+
+    try:
+        # Unbounded while running; armed with the shutdown deadline once a signal comes.
+        async with asyncio.timeout(None) as deadline, asyncio.TaskGroup() as tg:
+
+            async def watch_stop() -> None:
+                await stop.wait()
+                log.info("shutdown requested", extra={"timeout_s": shutdown_timeout_s})
+                deadline.reschedule(loop.time() + shutdown_timeout_s)
+                raise _Stop
+
+            watcher = tg.create_task(watch_stop(), name="watch_stop")
+            tasks = [tg.create_task(supervised(s), name=s.name) for s in services]
+            if tasks:
+                await asyncio.wait(tasks)
+            # Every service finished by itself: nothing left to wait a signal for.
+            watcher.cancel()
+    except* _Stop:
+        pass
+    except* ServiceCrashedError as group:
+        raise group.exceptions[0] from None
+    except* TimeoutError:
+        raise ServiceCrashedError(
+            f"services did not stop within {shutdown_timeout_s}s of the shutdown signal"
+        ) from None
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

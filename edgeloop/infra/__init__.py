@@ -1,0 +1,1 @@
+"""The embedded infrastructure: Mosquitto, a Kafka broker, the schema registry."""

@@ -1,0 +1,1 @@
+"""Task plug-ins: data, preprocessing, models and metrics for one ML problem."""

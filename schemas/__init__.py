@@ -1,0 +1,1 @@
+"""schemas part of edgeloop."""

@@ -1,0 +1,1 @@
+"""Schema registry: client, embedded service, compatibility checks."""

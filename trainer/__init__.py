@@ -1,0 +1,1 @@
+"""trainer part of edgeloop."""
