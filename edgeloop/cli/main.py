@@ -12,7 +12,9 @@ from edgeloop.core.errors import EdgeloopError
 from edgeloop.core.logs import setup_logging
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "infra": ("edgeloop.cli.infra_cmd:infra", "Start, stop and inspect the embedded infrastructure."),
+    "infra": (
+        "edgeloop.cli.infra_cmd:infra", "Start, stop and inspect the embedded infrastructure."
+    ),
     "registry": ("edgeloop.cli.registry_cmd:registry", "Run the embedded schema registry service."),
     "schemas": ("edgeloop.cli.schemas_cmd:schemas", "Register and check the event schemas."),
     "demo": ("edgeloop.cli.demo_cmd:demo", "Bring everything up on this host and show its state."),

@@ -24,7 +24,7 @@ class Service(Protocol):
     async def run(self) -> None: ...
 
 
-class _Stop(Exception):
+class _StopRequestedError(Exception):
     """Raised inside the task group to cancel every service on a signal."""
 
 
@@ -65,7 +65,7 @@ async def run_services(services: Sequence[Service], shutdown_timeout_s: float = 
                 await stop.wait()
                 log.info("shutdown requested", extra={"timeout_s": shutdown_timeout_s})
                 deadline.reschedule(loop.time() + shutdown_timeout_s)
-                raise _Stop
+                raise _StopRequestedError  # noqa: TRY301 - unwinds the task group on purpose
 
             watcher = tg.create_task(watch_stop(), name="watch_stop")
             tasks = [tg.create_task(supervised(s), name=s.name) for s in services]
@@ -73,7 +73,7 @@ async def run_services(services: Sequence[Service], shutdown_timeout_s: float = 
                 await asyncio.wait(tasks)
             # Every service finished by itself: nothing left to wait a signal for.
             watcher.cancel()
-    except* _Stop:
+    except* _StopRequestedError:
         pass
     except* ServiceCrashedError as group:
         raise group.exceptions[0] from None

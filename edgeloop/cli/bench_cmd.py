@@ -1,0 +1,37 @@
+"""`edgeloop bench`: benchmarks with a printed table and a JSON file per suite."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgeloop.bench.report import print_table, write_report
+
+# suite -> module with `run(quick: bool) -> dict`; imported only when selected.
+SUITES: dict[str, str] = {
+    "framing": "edgeloop.bench.framing_bench",
+}
+
+
+@click.command()
+@click.argument("suites", nargs=-1, type=click.Choice(sorted(SUITES)))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results"),
+              show_default=True, help="Folder for the JSON results.")
+@click.option("--quick", is_flag=True, help="Fewer iterations: a smoke run, not a measurement.")
+def bench(suites: tuple[str, ...], out: Path, quick: bool) -> None:
+    """Run benchmark SUITES (default: all) and compare each figure with a baseline
+    measured in the same run. Writes <out>/<suite>.json."""
+    for suite in suites or tuple(SUITES):
+        module = importlib.import_module(SUITES[suite])
+        result: dict[str, Any] = module.run(quick=quick)
+        columns = result.get("columns") or list(result["rows"][0])
+        labels = result.get("labels", {})
+        print_table(f"{suite} (us per call unless named)", [labels.get(c, c) for c in columns],
+                    [[row[c] for c in columns] for row in result["rows"]])
+        for key, value in result.get("summary", {}).items():
+            click.echo(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+        path = write_report(out, suite, result)
+        click.echo(f"  wrote {path}")

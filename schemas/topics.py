@@ -1,0 +1,103 @@
+"""Kafka topics and MQTT topics: names, the event each carries, and their keys.
+
+Names end in the schema's major version (`.v1`), so an incompatible change is a new topic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from edgeloop.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    event: str  # full schema name
+    compacted: bool = False
+    key: str = "device_id"
+    # Fleet topics carry what devices (which upgrade late) write or read: FULL_TRANSITIVE.
+    fleet: bool = False
+
+
+def _spec(name: str, event: str, **kw: bool | str) -> tuple[str, TopicSpec]:
+    return name, TopicSpec(name, f"edgeloop.v1.{event}", **kw)  # type: ignore[arg-type]
+
+
+TOPICS: dict[str, TopicSpec] = dict(
+    [
+        _spec("edge.inference.v1", "InferenceEvent", fleet=True),
+        _spec("edge.offload.v1", "OffloadRequest", fleet=True),
+        _spec("edge.status.v1", "DeviceStatus", fleet=True),
+        _spec("fleet.devices.v1", "DeviceRecord", compacted=True),
+        _spec("edge.inference.enriched.v1", "InferenceEvent"),
+        _spec("cloud.verdicts.v1", "CloudVerdict", fleet=True),
+        _spec("ml.hard-examples.v1", "HardExample"),
+        _spec("ml.signals.v1", "StreamSignal", key="scope_id"),
+        _spec("control.thresholds.v1", "ThresholdUpdate", compacted=True, key="scope_id",
+              fleet=True),
+        _spec("ml.training-triggers.v1", "TrainingTrigger", key="model_name"),
+        _spec("ml.model-releases.v1", "ModelRelease", compacted=True, key="cohort", fleet=True),
+    ]
+)
+
+
+def dlq_topic(topic: str) -> str:
+    """`edge.inference.v1` -> `edge.inference.dlq.v1`."""
+    base, _, version = topic.rpartition(".")
+    return f"{base}.dlq.{version}"
+
+
+def subject_for(topic: str) -> str:
+    """Confluent TopicNameStrategy: the value schema of `topic` lives under `<topic>-value`."""
+    return f"{topic}-value"
+
+
+class UplinkKind(StrEnum):
+    INFERENCE = "inference"
+    OFFLOAD = "offload"
+    STATUS = "status"
+
+
+class DownlinkKind(StrEnum):
+    THRESHOLD = "threshold"
+    MODEL = "model"
+    VERDICT = "verdict"
+
+
+UPLINK_TOPIC: dict[UplinkKind, str] = {
+    UplinkKind.INFERENCE: "edge.inference.v1",
+    UplinkKind.OFFLOAD: "edge.offload.v1",
+    UplinkKind.STATUS: "edge.status.v1",
+}
+
+MQTT_PREFIX = "edgeloop"
+
+
+def mqtt_uplink(device_id: str, kind: UplinkKind) -> str:
+    return f"{MQTT_PREFIX}/{_device(device_id)}/up/{kind.value}"
+
+
+def mqtt_downlink(device_id: str, kind: DownlinkKind) -> str:
+    return f"{MQTT_PREFIX}/{_device(device_id)}/down/{kind.value}"
+
+
+def parse_mqtt_uplink(topic: str) -> tuple[str, UplinkKind]:
+    """`edgeloop/<device>/up/<kind>` -> (device, kind); ConfigError names what is wrong."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != MQTT_PREFIX or parts[2] != "up":
+        raise ConfigError(f"topic {topic!r} is not of the form {MQTT_PREFIX}/<device>/up/<kind>")
+    try:
+        return parts[1], UplinkKind(parts[3])
+    except ValueError:
+        kinds = ", ".join(k.value for k in UplinkKind)
+        raise ConfigError(f"topic {topic!r}: unknown uplink kind {parts[3]!r} ({kinds})") from None
+
+
+def _device(device_id: str) -> str:
+    if not device_id or any(c in device_id for c in "/+#$") or len(device_id) > 128:
+        raise ConfigError(
+            f"device_id {device_id!r} must be 1-128 characters without '/', '+', '#' or '$'"
+        )
+    return device_id
