@@ -58,29 +58,33 @@ async def run_services(services: Sequence[Service], shutdown_timeout_s: float = 
         log.info("service finished", extra={"service": service.name})
 
     try:
-        # Unbounded while running; armed with the shutdown deadline once a signal comes.
-        async with asyncio.timeout(None) as deadline, asyncio.TaskGroup() as tg:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(supervised(s), name=s.name) for s in services]
 
             async def watch_stop() -> None:
                 await stop.wait()
                 log.info("shutdown requested", extra={"timeout_s": shutdown_timeout_s})
-                deadline.reschedule(loop.time() + shutdown_timeout_s)
+                for task in tasks:
+                    task.cancel()
+                _, pending = await asyncio.wait(tasks, timeout=shutdown_timeout_s)
+                if pending:
+                    names = ", ".join(sorted(t.get_name() for t in pending))
+                    raise ServiceCrashedError(
+                        f"services did not stop within {shutdown_timeout_s}s of the shutdown "
+                        f"signal: {names}"
+                    )
                 raise _StopRequestedError  # noqa: TRY301 - unwinds the task group on purpose
 
             watcher = tg.create_task(watch_stop(), name="watch_stop")
-            tasks = [tg.create_task(supervised(s), name=s.name) for s in services]
             if tasks:
                 await asyncio.wait(tasks)
-            # Every service finished by itself: nothing left to wait a signal for.
-            watcher.cancel()
+            if not stop.is_set():
+                # Every service finished by itself: nothing left to wait a signal for.
+                watcher.cancel()
     except* _StopRequestedError:
         pass
     except* ServiceCrashedError as group:
         raise group.exceptions[0] from None
-    except* TimeoutError:
-        raise ServiceCrashedError(
-            f"services did not stop within {shutdown_timeout_s}s of the shutdown signal"
-        ) from None
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
