@@ -1,0 +1,41 @@
+"""The bridge service: uplink and downlink (each can be switched off) plus /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from edgeloop.core.metrics import serve_metrics
+from edgeloop.core.runner import Service, run_services
+from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
+from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.streams.downlink import Downlink
+from edgeloop.streams.metrics import BridgeMetrics
+from edgeloop.streams.settings import BridgeSettings
+from edgeloop.streams.uplink import Uplink
+
+
+class _MetricsEndpoint:
+    name = "bridge-metrics"
+
+    def __init__(self, metrics: BridgeMetrics, port: int) -> None:
+        self.metrics = metrics
+        self.port = port
+
+    async def run(self) -> None:
+        async with serve_metrics(self.metrics.registry, port=self.port):
+            await asyncio.Event().wait()
+
+
+async def run_bridge(settings: BridgeSettings, mqtt: MqttSettings, kafka: KafkaSettings,
+                     registry_settings: RegistrySettings,
+                     metrics: BridgeMetrics | None = None) -> None:
+    metrics = metrics or BridgeMetrics()
+    async with RegistryClient.from_settings(registry_settings) as registry:
+        services: list[Service] = []
+        if settings.uplink:
+            services.append(Uplink(settings, mqtt, kafka, registry, metrics))
+        if settings.downlink:
+            services.append(Downlink(settings, mqtt, kafka, registry, metrics))
+        if settings.metrics_port is not None:
+            services.append(_MetricsEndpoint(metrics, settings.metrics_port))
+        await run_services(services)

@@ -1,0 +1,38 @@
+"""Settings of the MQTT ⇄ Kafka bridge."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from edgeloop.core.settings import _Base
+
+
+class BridgeSettings(_Base):
+    model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
+        env_prefix="EDGELOOP_BRIDGE_", frozen=True, extra="ignore"
+    )
+
+    uplink: bool = True
+    downlink: bool = True
+    # Shared-subscription group: every bridge process in a group gets a share of the load.
+    share_group: str = "edgeloop-bridge"
+    # A stable id per process: the broker keeps its unacknowledged messages for it across
+    # a crash (persistent session) and redelivers them after the restart.
+    client_id: str = "edgeloop-bridge-1"
+    session_expiry_s: int = Field(3600, ge=0)
+    # MQTT 5 Receive Maximum: the most unacknowledged QoS 1 messages the broker sends us.
+    # It is the bridge's in-flight window, so it bounds both memory and duplicates.
+    receive_maximum: int = Field(1000, ge=1, le=65535)
+    max_message_bytes: int = Field(256 * 1024, ge=64)
+    validation: Literal["full", "header"] = "full"
+    # Kafka producer batching.
+    linger_ms: int = Field(5, ge=0)
+    max_batch_bytes: int = Field(256 * 1024, ge=1024)
+    # How much of a rejected payload the dead-letter event keeps.
+    dlq_payload_bytes: int = Field(4096, ge=0)
+    retry_backoff_max_s: float = Field(5.0, gt=0)
+    downlink_group: str = "edgeloop-bridge-downlink"
+    metrics_port: int | None = None

@@ -1,0 +1,44 @@
+"""Creates the Kafka topics of the topic map, with compaction where the map says so."""
+
+from __future__ import annotations
+
+import contextlib
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from edgeloop.core.logs import get_logger
+from edgeloop.schemas.topics import TOPICS, dlq_topic
+
+log = get_logger(__name__)
+
+UPLINK_DLQ = "edge.uplink.dlq.v1"
+
+
+def all_topics() -> dict[str, bool]:
+    """Topic name -> compacted, for every topic edgeloop uses (dead-letter topics too)."""
+    topics = {spec.name: spec.compacted for spec in TOPICS.values()}
+    topics |= {dlq_topic(name): False for name in list(topics)}
+    topics[UPLINK_DLQ] = False
+    return topics
+
+
+async def ensure_topics(bootstrap: str, partitions: int = 6, replication: int = 1) -> list[str]:
+    """Create the missing topics; returns the names created. Existing ones are left alone."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="edgeloop-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(name, num_partitions=partitions, replication_factor=replication,
+                     topic_configs={"cleanup.policy": "compact" if compacted else "delete"})
+            for name, compacted in all_topics().items() if name not in existing
+        ]
+        if wanted:
+            # Another process may win the race to create a topic: that is fine.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(wanted)
+            log.info("topics created", extra={"count": len(wanted)})
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()
