@@ -6,6 +6,7 @@ stay meaningful on a noisy shared machine even when absolute numbers drift.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -18,8 +19,6 @@ from rich.table import Table
 
 
 def machine() -> dict[str, Any]:
-    import os
-
     return {
         "python": platform.python_version(),
         "machine": platform.machine(),
