@@ -133,8 +133,11 @@ class BodyWalker:
         self._items = 0
         self._walk(self.schema, self.schema_name, 0)
         if self._pos != len(self._buf):
-            self._fail(f"{len(self._buf) - self._pos} trailing bytes after the record",
-                       "trailing_bytes", self.schema_name)
+            self._fail(
+                f"{len(self._buf) - self._pos} trailing bytes after the record",
+                "trailing_bytes",
+                self.schema_name,
+            )
 
     def _fail(self, message: str, reason: str, path: str) -> None:
         raise DecodeError(message, reason=reason, schema=self.schema_name, path=path)
@@ -167,8 +170,9 @@ class BodyWalker:
         elif isinstance(node, list):
             index = self._long(path)
             if not 0 <= index < len(node):
-                self._fail(f"union branch {index} out of range 0..{len(node) - 1}",
-                           "bad_union_index", path)
+                self._fail(
+                    f"union branch {index} out of range 0..{len(node) - 1}", "bad_union_index", path
+                )
             self._walk(node[index], path, depth + 1)
         else:
             self._complex(node, path, depth)
@@ -177,8 +181,9 @@ class BodyWalker:
         if kind in _FIXED_SIZE:
             self._need(_FIXED_SIZE[kind], path, kind)
             if kind == "boolean" and self._buf[self._pos] > 1:
-                self._fail(f"boolean byte {self._buf[self._pos]} is neither 0 nor 1",
-                           "bad_boolean", path)
+                self._fail(
+                    f"boolean byte {self._buf[self._pos]} is neither 0 nor 1", "bad_boolean", path
+                )
             self._pos += _FIXED_SIZE[kind]
         elif kind in ("int", "long"):
             value = self._long(path)
@@ -204,8 +209,11 @@ class BodyWalker:
         elif kind == "enum":
             index = self._long(path)
             if not 0 <= index < len(node["symbols"]):
-                self._fail(f"enum index {index} out of range 0..{len(node['symbols']) - 1}",
-                           "bad_enum_index", path)
+                self._fail(
+                    f"enum index {index} out of range 0..{len(node['symbols']) - 1}",
+                    "bad_enum_index",
+                    path,
+                )
         elif kind == "fixed":
             self._need(int(node["size"]), path, f"fixed({node['size']})")
             self._pos += int(node["size"])
@@ -231,11 +239,18 @@ class BodyWalker:
             if self._items > self.limits.max_collection_items:
                 self._fail(
                     f"{kind} claims {count} items; the message may hold at most "
-                    f"{self.limits.max_collection_items} in all", "too_many_items", path)
+                    f"{self.limits.max_collection_items} in all",
+                    "too_many_items",
+                    path,
+                )
             left = len(self._buf) - self._pos
             if count * item_min > left:
-                self._fail(f"{kind} claims {count} items of at least {item_min} bytes, "
-                           f"only {left} bytes left", "truncated", path)
+                self._fail(
+                    f"{kind} claims {count} items of at least {item_min} bytes, "
+                    f"only {left} bytes left",
+                    "truncated",
+                    path,
+                )
             for _ in range(count):
                 item_path = f"{path}[{index}]"
                 if kind == "map":

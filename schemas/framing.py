@@ -73,11 +73,15 @@ def _read(entry: _Entry, data: bytes, offset: int) -> Record:
         record = schemaless_reader(stream, entry.parsed, None)
     except Exception as exc:
         entry.walker.check(memoryview(data)[offset:])  # raises naming the field path
-        raise DecodeError(f"undecodable body: {exc}", reason="undecodable",
-                          schema=entry.schema.name) from exc
+        raise DecodeError(
+            f"undecodable body: {exc}", reason="undecodable", schema=entry.schema.name
+        ) from exc
     if stream.tell() != len(data):
-        raise DecodeError(f"{len(data) - stream.tell()} trailing bytes after the record",
-                          reason="trailing_bytes", schema=entry.schema.name)
+        raise DecodeError(
+            f"{len(data) - stream.tell()} trailing bytes after the record",
+            reason="trailing_bytes",
+            schema=entry.schema.name,
+        )
     return record  # type: ignore[return-value]  # EventSchema is always a record
 
 
@@ -85,17 +89,21 @@ def _check_size(data: bytes, limits: DecodeLimits, header: int) -> None:
     if len(data) > limits.max_message_bytes:
         raise DecodeError(
             f"message of {len(data)} bytes exceeds the cap of {limits.max_message_bytes}",
-            reason="oversize")
+            reason="oversize",
+        )
     if len(data) < header:
-        raise DecodeError(f"message of {len(data)} bytes is shorter than the {header}-byte header",
-                          reason="truncated_header")
+        raise DecodeError(
+            f"message of {len(data)} bytes is shorter than the {header}-byte header",
+            reason="truncated_header",
+        )
 
 
 class SingleObjectCodec:
     """Avro single-object encoding; knows schemas by their 8-byte fingerprint."""
 
-    def __init__(self, schemas: Iterable[EventSchema] = (),
-                 limits: DecodeLimits | None = None) -> None:
+    def __init__(
+        self, schemas: Iterable[EventSchema] = (), limits: DecodeLimits | None = None
+    ) -> None:
         self.limits = limits or DecodeLimits()
         self._max_bytes = self.limits.max_message_bytes
         self._by_fingerprint: dict[bytes, _Entry] = {}
@@ -139,10 +147,13 @@ class SingleObjectCodec:
             return entry
         _check_size(data, self.limits, SINGLE_OBJECT_HEADER)
         if data[:2] != SINGLE_OBJECT_MAGIC:
-            raise DecodeError(f"bad single-object marker {data[:2].hex()} (expected c301)",
-                              reason="bad_magic")
-        raise DecodeError(f"unknown schema fingerprint {data[2:SINGLE_OBJECT_HEADER].hex()}",
-                          reason="unknown_fingerprint")
+            raise DecodeError(
+                f"bad single-object marker {data[:2].hex()} (expected c301)", reason="bad_magic"
+            )
+        raise DecodeError(
+            f"unknown schema fingerprint {data[2:SINGLE_OBJECT_HEADER].hex()}",
+            reason="unknown_fingerprint",
+        )
 
 
 class ConfluentCodec:
@@ -175,8 +186,9 @@ class ConfluentCodec:
     def schema_id(self, data: bytes) -> int:
         _check_size(data, self.limits, CONFLUENT_HEADER)
         if data[0] != CONFLUENT_MAGIC:
-            raise DecodeError(f"bad Confluent magic byte {data[0]:#04x} (expected 0x00)",
-                              reason="bad_magic")
+            raise DecodeError(
+                f"bad Confluent magic byte {data[0]:#04x} (expected 0x00)", reason="bad_magic"
+            )
         return int.from_bytes(data[1:CONFLUENT_HEADER], "big")
 
 

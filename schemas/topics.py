@@ -35,8 +35,9 @@ TOPICS: dict[str, TopicSpec] = dict(
         _spec("cloud.verdicts.v1", "CloudVerdict", fleet=True),
         _spec("ml.hard-examples.v1", "HardExample"),
         _spec("ml.signals.v1", "StreamSignal", key="scope_id"),
-        _spec("control.thresholds.v1", "ThresholdUpdate", compacted=True, key="scope_id",
-              fleet=True),
+        _spec(
+            "control.thresholds.v1", "ThresholdUpdate", compacted=True, key="scope_id", fleet=True
+        ),
         _spec("ml.training-triggers.v1", "TrainingTrigger", key="model_name"),
         _spec("ml.model-releases.v1", "ModelRelease", compacted=True, key="cohort", fleet=True),
     ]

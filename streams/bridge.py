@@ -26,9 +26,13 @@ class _MetricsEndpoint:
             await asyncio.Event().wait()
 
 
-async def run_bridge(settings: BridgeSettings, mqtt: MqttSettings, kafka: KafkaSettings,
-                     registry_settings: RegistrySettings,
-                     metrics: BridgeMetrics | None = None) -> None:
+async def run_bridge(
+    settings: BridgeSettings,
+    mqtt: MqttSettings,
+    kafka: KafkaSettings,
+    registry_settings: RegistrySettings,
+    metrics: BridgeMetrics | None = None,
+) -> None:
     metrics = metrics or BridgeMetrics()
     async with RegistryClient.from_settings(registry_settings) as registry:
         services: list[Service] = []

@@ -39,8 +39,11 @@ THRESHOLDS = "control.thresholds.v1"
 RELEASES = "ml.model-releases.v1"
 VERDICTS = "cloud.verdicts.v1"
 FLEET = "fleet.devices.v1"
-KIND = {THRESHOLDS: DownlinkKind.THRESHOLD, RELEASES: DownlinkKind.MODEL,
-        VERDICTS: DownlinkKind.VERDICT}
+KIND = {
+    THRESHOLDS: DownlinkKind.THRESHOLD,
+    RELEASES: DownlinkKind.MODEL,
+    VERDICTS: DownlinkKind.VERDICT,
+}
 
 Record = dict[str, Any]
 
@@ -83,8 +86,14 @@ class Fleet:
 class Downlink:
     name = "bridge-downlink"
 
-    def __init__(self, settings: BridgeSettings, mqtt: MqttSettings, kafka: KafkaSettings,
-                 registry: RegistryClient, metrics: BridgeMetrics) -> None:
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        mqtt: MqttSettings,
+        kafka: KafkaSettings,
+        registry: RegistryClient,
+        metrics: BridgeMetrics,
+    ) -> None:
         self.settings = settings
         self.mqtt = mqtt
         self.kafka = kafka
@@ -100,11 +109,18 @@ class Downlink:
         if self.mqtt.ca_file and self.mqtt.port == self.mqtt.tls_port:
             tls = ssl.create_default_context(cafile=str(self.mqtt.ca_file))
         password = self.mqtt.password.get_secret_value() if self.mqtt.password else None
-        async with aiomqtt.Client(
-            self.mqtt.host, self.mqtt.port, username=self.mqtt.username, password=password,
-            identifier=f"{self.settings.client_id}-downlink", tls_context=tls,
-            protocol=aiomqtt.ProtocolVersion.V5,
-        ) as client, asyncio.TaskGroup() as tg:
+        async with (
+            aiomqtt.Client(
+                self.mqtt.host,
+                self.mqtt.port,
+                username=self.mqtt.username,
+                password=password,
+                identifier=f"{self.settings.client_id}-downlink",
+                tls_context=tls,
+                protocol=aiomqtt.ProtocolVersion.V5,
+            ) as client,
+            asyncio.TaskGroup() as tg,
+        ):
             tg.create_task(self._follow_state(client))
             await self.ready.wait()
             tg.create_task(self._drive(client))
@@ -118,8 +134,14 @@ class Downlink:
         _, schema, record = self.confluent.decode(value)
         return schema, record
 
-    async def _publish(self, client: aiomqtt.Client, topic: str, schema: EventSchema,
-                       record: Record, devices: list[str]) -> None:
+    async def _publish(
+        self,
+        client: aiomqtt.Client,
+        topic: str,
+        schema: EventSchema,
+        record: Record,
+        devices: list[str],
+    ) -> None:
         payload = self.single.encode(schema, record)
         kind = KIND[topic]
         retain = kind is not DownlinkKind.VERDICT
@@ -130,9 +152,15 @@ class Downlink:
 
     async def _drive(self, client: aiomqtt.Client) -> None:
         consumer = AIOKafkaConsumer(
-            THRESHOLDS, RELEASES, VERDICTS, bootstrap_servers=self.kafka.bootstrap,
-            group_id=self.settings.downlink_group, enable_auto_commit=False,
-            auto_offset_reset="earliest", client_id=f"{self.settings.client_id}-downlink")
+            THRESHOLDS,
+            RELEASES,
+            VERDICTS,
+            bootstrap_servers=self.kafka.bootstrap,
+            group_id=self.settings.downlink_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id=f"{self.settings.client_id}-downlink",
+        )
         await consumer.start()
         try:
             while True:
@@ -159,12 +187,18 @@ class Downlink:
     async def _follow_state(self, client: aiomqtt.Client) -> None:
         """Tail the compacted topics from the beginning, without a group."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.kafka.bootstrap, enable_auto_commit=False,
-            auto_offset_reset="earliest", client_id=f"{self.settings.client_id}-fleet")
+            bootstrap_servers=self.kafka.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id=f"{self.settings.client_id}-fleet",
+        )
         await consumer.start()
         try:
-            partitions = [TopicPartition(t, p) for t in (FLEET, RELEASES, THRESHOLDS)
-                          for p in (consumer.partitions_for_topic(t) or {0})]
+            partitions = [
+                TopicPartition(t, p)
+                for t in (FLEET, RELEASES, THRESHOLDS)
+                for p in (consumer.partitions_for_topic(t) or {0})
+            ]
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
             ends = await consumer.end_offsets(partitions)
@@ -174,8 +208,10 @@ class Downlink:
                     for msg in records:
                         await self._apply_state(client, tp.topic, msg.value)
                 if not self.ready.is_set() and all(
-                    await asyncio.gather(*(self._caught_up(consumer, tp, ends[tp])
-                                           for tp in partitions))):
+                    await asyncio.gather(
+                        *(self._caught_up(consumer, tp, ends[tp]) for tp in partitions)
+                    )
+                ):
                     log.info("fleet state loaded", extra={"devices": len(self.fleet.cohort_of)})
                     self.ready.set()
         finally:
@@ -204,8 +240,10 @@ class Downlink:
 
     async def _bring_up_to_date(self, client: aiomqtt.Client, device: str) -> None:
         cohort = self.fleet.cohort_of[device]
-        for topic, latest in ((RELEASES, self.fleet.latest_release),
-                              (THRESHOLDS, self.fleet.latest_threshold)):
+        for topic, latest in (
+            (RELEASES, self.fleet.latest_release),
+            (THRESHOLDS, self.fleet.latest_threshold),
+        ):
             if cohort in latest:
                 schema, record = latest[cohort]
                 await self._publish(client, topic, schema, record, [device])

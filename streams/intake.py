@@ -45,8 +45,15 @@ class Incoming:
 class MqttIntake:
     """A paho client subscribed to `topic_filter` with manual acknowledgements."""
 
-    def __init__(self, mqtt: MqttSettings, *, client_id: str, topic_filter: str,
-                 receive_maximum: int, session_expiry_s: int) -> None:
+    def __init__(
+        self,
+        mqtt: MqttSettings,
+        *,
+        client_id: str,
+        topic_filter: str,
+        receive_maximum: int,
+        session_expiry_s: int,
+    ) -> None:
         self._mqtt = mqtt
         self._topic_filter = topic_filter
         self._receive_maximum = receive_maximum
@@ -56,8 +63,9 @@ class MqttIntake:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = threading.Event()
         self.connection_count = 0
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=paho.MQTTv5)
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
         self._client.manual_ack_set(True)
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
@@ -75,14 +83,17 @@ class MqttIntake:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.ReceiveMaximum = self._receive_maximum
         props.SessionExpiryInterval = self._session_expiry_s
-        self._client.connect_async(self._mqtt.host, self._mqtt.port, keepalive=30,
-                                   clean_start=False, properties=props)
+        self._client.connect_async(
+            self._mqtt.host, self._mqtt.port, keepalive=30, clean_start=False, properties=props
+        )
         self._client.loop_start()
         await asyncio.to_thread(self._connected.wait, 30)
         if not self._connected.is_set():
             self.stop()
-            raise ConnectionError(f"MQTT broker {self._mqtt.host}:{self._mqtt.port} "
-                                  "did not accept the connection within 30 s")
+            raise ConnectionError(
+                f"MQTT broker {self._mqtt.host}:{self._mqtt.port} "
+                "did not accept the connection within 30 s"
+            )
 
     def stop(self) -> None:
         self._client.disconnect()
@@ -114,20 +125,29 @@ class MqttIntake:
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         was_empty = not self._pending
-        self._pending.append(Incoming(msg.mid, msg.qos, msg.topic, bytes(msg.payload),
-                                      time.monotonic_ns(), self.connection_count))
+        self._pending.append(
+            Incoming(
+                msg.mid,
+                msg.qos,
+                msg.topic,
+                bytes(msg.payload),
+                time.monotonic_ns(),
+                self.connection_count,
+            )
+        )
         if was_empty and self._loop is not None:
             self._loop.call_soon_threadsafe(self._ready.set)
 
-    def _on_connect(self, client: paho.Client, _u: Any, _flags: Any, reason: Any,
-                    _p: Any) -> None:
+    def _on_connect(self, client: paho.Client, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             log.error("mqtt connect refused", extra={"reason": str(reason)})
             return
         self.connection_count += 1
         client.subscribe(self._topic_filter, qos=1)
-        log.info("mqtt connected", extra={"filter": self._topic_filter,
-                                          "receive_maximum": self._receive_maximum})
+        log.info(
+            "mqtt connected",
+            extra={"filter": self._topic_filter, "receive_maximum": self._receive_maximum},
+        )
         self._connected.set()
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:

@@ -9,24 +9,41 @@ class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.uplink_in = Counter("edgeloop_bridge_uplink_received_total",
-                                 "MQTT messages received", ["kind"], registry=r)
-        self.uplink_out = Counter("edgeloop_bridge_uplink_produced_total",
-                                  "Records acknowledged by Kafka", ["kind"], registry=r)
-        self.dlq = Counter("edgeloop_bridge_dlq_total", "Messages dead-lettered",
-                           ["reason"], registry=r)
+        self.uplink_in = Counter(
+            "edgeloop_bridge_uplink_received_total", "MQTT messages received", ["kind"], registry=r
+        )
+        self.uplink_out = Counter(
+            "edgeloop_bridge_uplink_produced_total",
+            "Records acknowledged by Kafka",
+            ["kind"],
+            registry=r,
+        )
+        self.dlq = Counter(
+            "edgeloop_bridge_dlq_total", "Messages dead-lettered", ["reason"], registry=r
+        )
         self.added_latency = Histogram(
             "edgeloop_bridge_uplink_added_latency_seconds",
             "From MQTT receive to the Kafka acknowledgement",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
-            registry=r)
-        self.in_flight = Gauge("edgeloop_bridge_uplink_in_flight",
-                               "Received, not yet acknowledged messages", registry=r)
-        self.registry_lookups = Counter("edgeloop_bridge_registry_lookups_total",
-                                        "Schema id lookups", ["result"], registry=r)
-        self.retries = Counter("edgeloop_bridge_retries_total",
-                               "Waits for Kafka or the registry to come back", ["what"],
-                               registry=r)
-        self.downlink_out = Counter("edgeloop_bridge_downlink_published_total",
-                                    "MQTT publishes acknowledged by the broker", ["kind"],
-                                    registry=r)
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "edgeloop_bridge_uplink_in_flight",
+            "Received, not yet acknowledged messages",
+            registry=r,
+        )
+        self.registry_lookups = Counter(
+            "edgeloop_bridge_registry_lookups_total", "Schema id lookups", ["result"], registry=r
+        )
+        self.retries = Counter(
+            "edgeloop_bridge_retries_total",
+            "Waits for Kafka or the registry to come back",
+            ["what"],
+            registry=r,
+        )
+        self.downlink_out = Counter(
+            "edgeloop_bridge_downlink_published_total",
+            "MQTT publishes acknowledged by the broker",
+            ["kind"],
+            registry=r,
+        )

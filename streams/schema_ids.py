@@ -37,7 +37,9 @@ class SchemaIds:
                 raise UnregisteredSchemaError(
                     f"schema {schema.name} ({schema.fingerprint.hex()}) is not registered "
                     f"under {subject}: run `edgeloop schemas register`",
-                    status=exc.status, error_code=exc.error_code) from exc
+                    status=exc.status,
+                    error_code=exc.error_code,
+                ) from exc
             raise
         self._ids[key] = found.id
         return found.id

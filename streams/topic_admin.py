@@ -30,9 +30,14 @@ async def ensure_topics(bootstrap: str, partitions: int = 6, replication: int = 
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(name, num_partitions=partitions, replication_factor=replication,
-                     topic_configs={"cleanup.policy": "compact" if compacted else "delete"})
-            for name, compacted in all_topics().items() if name not in existing
+            NewTopic(
+                name,
+                num_partitions=partitions,
+                replication_factor=replication,
+                topic_configs={"cleanup.policy": "compact" if compacted else "delete"},
+            )
+            for name, compacted in all_topics().items()
+            if name not in existing
         ]
         if wanted:
             # Another process may win the race to create a topic: that is fine.

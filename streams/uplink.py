@@ -60,8 +60,14 @@ class Routed:
 class Uplink:
     name = "bridge-uplink"
 
-    def __init__(self, settings: BridgeSettings, mqtt: MqttSettings, kafka: KafkaSettings,
-                 registry: RegistryClient, metrics: BridgeMetrics) -> None:
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        mqtt: MqttSettings,
+        kafka: KafkaSettings,
+        registry: RegistryClient,
+        metrics: BridgeMetrics,
+    ) -> None:
         self.settings = settings
         self.mqtt = mqtt
         self.kafka = kafka
@@ -69,26 +75,36 @@ class Uplink:
         self.ids = SchemaIds(registry, metrics)
         self.registry = registry
         self.codec = SingleObjectCodec(
-            catalog.catalog().values(), DecodeLimits(max_message_bytes=settings.max_message_bytes))
+            catalog.catalog().values(), DecodeLimits(max_message_bytes=settings.max_message_bytes)
+        )
         self.dlq_codec = ConfluentCodec()
         self.dead_letter = catalog.get("DeadLetter")
         self._dlq_ids: dict[str, int] = {}
+        self._bridge_id = settings.client_id.encode()
 
     async def run(self) -> None:
         s = self.settings
-        intake = MqttIntake(self.mqtt, client_id=s.client_id,
-                            topic_filter=f"$share/{s.share_group}/edgeloop/+/up/#",
-                            receive_maximum=s.receive_maximum,
-                            session_expiry_s=s.session_expiry_s)
+        intake = MqttIntake(
+            self.mqtt,
+            client_id=s.client_id,
+            topic_filter=f"$share/{s.share_group}/edgeloop/+/up/#",
+            receive_maximum=s.receive_maximum,
+            session_expiry_s=s.session_expiry_s,
+        )
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.kafka.bootstrap, acks="all",
-            enable_idempotence=self.kafka.idempotence, linger_ms=s.linger_ms,
-            max_batch_size=s.max_batch_bytes, request_timeout_ms=15_000,
-            client_id=f"{s.client_id}-uplink")
+            bootstrap_servers=self.kafka.bootstrap,
+            acks="all",
+            enable_idempotence=self.kafka.idempotence,
+            linger_ms=s.linger_ms,
+            max_batch_size=s.max_batch_bytes,
+            request_timeout_ms=15_000,
+            client_id=f"{s.client_id}-uplink",
+        )
         await self._retry("kafka", producer.start)
         # Batches travel from the router to the acknowledger; two in flight keeps both busy.
-        handoff: asyncio.Queue[tuple[list[Routed], list[asyncio.Future[object]]]] = (
-            asyncio.Queue(maxsize=2))
+        handoff: asyncio.Queue[tuple[list[Routed], list[asyncio.Future[object]]]] = asyncio.Queue(
+            maxsize=2
+        )
         try:
             await intake.start()
             async with asyncio.TaskGroup() as tg:
@@ -98,9 +114,12 @@ class Uplink:
             intake.stop()  # unacknowledged messages stay with the broker's session
             await producer.stop()
 
-    async def _route_loop(self, intake: MqttIntake, producer: AIOKafkaProducer,
-                          handoff: asyncio.Queue[tuple[list[Routed],
-                                                       list[asyncio.Future[object]]]]) -> None:
+    async def _route_loop(
+        self,
+        intake: MqttIntake,
+        producer: AIOKafkaProducer,
+        handoff: asyncio.Queue[tuple[list[Routed], list[asyncio.Future[object]]]],
+    ) -> None:
         while True:
             batch = await intake.batch(self.settings.receive_maximum)
             self.metrics.in_flight.set(len(batch) + intake.depth)
@@ -108,9 +127,12 @@ class Uplink:
             futures = await self._send(producer, routed)
             await handoff.put((routed, futures))
 
-    async def _ack_loop(self, intake: MqttIntake, producer: AIOKafkaProducer,
-                        handoff: asyncio.Queue[tuple[list[Routed],
-                                                     list[asyncio.Future[object]]]]) -> None:
+    async def _ack_loop(
+        self,
+        intake: MqttIntake,
+        producer: AIOKafkaProducer,
+        handoff: asyncio.Queue[tuple[list[Routed], list[asyncio.Future[object]]]],
+    ) -> None:
         while True:
             routed, futures = await handoff.get()
             await self._settle(producer, routed, futures)
@@ -120,8 +142,9 @@ class Uplink:
                 self.metrics.uplink_out.labels(r.label).inc()
                 self.metrics.added_latency.observe((now - r.item.received_ns) / 1e9)
 
-    async def _send(self, producer: AIOKafkaProducer,
-                    routed: Sequence[Routed]) -> list[asyncio.Future[object]]:
+    async def _send(
+        self, producer: AIOKafkaProducer, routed: Sequence[Routed]
+    ) -> list[asyncio.Future[object]]:
         futures: list[asyncio.Future[object]] = []
         for r in routed:
             try:
@@ -132,19 +155,24 @@ class Uplink:
             futures.append(fut)
         return futures
 
-    async def _settle(self, producer: AIOKafkaProducer, routed: list[Routed],
-                      futures: list[asyncio.Future[object]]) -> None:
+    async def _settle(
+        self,
+        producer: AIOKafkaProducer,
+        routed: list[Routed],
+        futures: list[asyncio.Future[object]],
+    ) -> None:
         """Wait until Kafka has every record; re-send from the first failure, in order."""
         delay = 0.1
         while True:
             results = await asyncio.gather(*futures, return_exceptions=True)
-            failed = next((i for i, r in enumerate(results) if isinstance(r, BaseException)),
-                          None)
+            failed = next((i for i, r in enumerate(results) if isinstance(r, BaseException)), None)
             if failed is None:
                 return
             self.metrics.retries.labels("kafka").inc()
-            log.warning("kafka produce failed; holding MQTT acks and retrying",
-                        extra={"error": repr(results[failed]), "pending": len(routed) - failed})
+            log.warning(
+                "kafka produce failed; holding MQTT acks and retrying",
+                extra={"error": repr(results[failed]), "pending": len(routed) - failed},
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.settings.retry_backoff_max_s)
             routed = routed[failed:]
@@ -164,51 +192,75 @@ class Uplink:
         except DecodeError as exc:
             return await self._dead(item, dlq_topic(topic), exc.reason, str(exc), device_id)
         except UnregisteredSchemaError as exc:
-            return await self._dead(item, dlq_topic(topic), "unregistered_schema", str(exc),
-                                    device_id)
+            return await self._dead(
+                item, dlq_topic(topic), "unregistered_schema", str(exc), device_id
+            )
         except RegistryError as exc:  # a permanent refusal; retriable ones were retried
-            return await self._dead(item, dlq_topic(topic), "registry_rejected", str(exc),
-                                    device_id)
-        return Routed(item, topic, device_id.encode(),
-                      single_to_confluent(item.payload, schema_id), headers, kind.value)
+            return await self._dead(
+                item, dlq_topic(topic), "registry_rejected", str(exc), device_id
+            )
+        return Routed(
+            item,
+            topic,
+            device_id.encode(),
+            single_to_confluent(item.payload, schema_id),
+            headers,
+            kind.value,
+        )
 
-    def _validate(self, item: Incoming, device_id: str,
-                  kind: UplinkKind) -> tuple[EventSchema, list[tuple[str, bytes]]]:
+    def _validate(
+        self, item: Incoming, device_id: str, kind: UplinkKind
+    ) -> tuple[EventSchema, list[tuple[str, bytes]]]:
         """Header checks always; a full bounded decode unless validation is `header`."""
         schema = self.codec.peek(item.payload)
         expected = EXPECTED_SCHEMA[kind]
         if schema.name != expected.name:
-            raise DecodeError(f"{kind.value} topic carries {schema.name}, expected "
-                              f"{expected.name}", reason="wrong_schema", schema=schema.name)
-        headers: list[tuple[str, bytes]] = [("mqtt_topic", item.topic.encode())]
+            raise DecodeError(
+                f"{kind.value} topic carries {schema.name}, expected {expected.name}",
+                reason="wrong_schema",
+                schema=schema.name,
+            )
+        headers = [("mqtt_topic", item.topic.encode()), ("bridge", self._bridge_id)]
         if self.settings.validation == "full":
             _, record = self.codec.decode(item.payload)
             if record["device_id"] != device_id:
                 raise DecodeError(
                     f"event says device_id={record['device_id']!r} but was published "
-                    f"under {device_id!r}", reason="device_mismatch", schema=schema.name,
-                    path=f"{schema.short_name}.device_id")
+                    f"under {device_id!r}",
+                    reason="device_mismatch",
+                    schema=schema.name,
+                    path=f"{schema.short_name}.device_id",
+                )
             headers.append(("event_id", str(record["event_id"]).encode()))
         return schema, headers
 
-    async def _dead(self, item: Incoming, topic: str, reason: str, detail: str,
-                    device_id: str | None) -> Routed:
+    async def _dead(
+        self, item: Incoming, topic: str, reason: str, detail: str, device_id: str | None
+    ) -> Routed:
         self.metrics.dlq.labels(reason).inc()
-        log.info("dead-lettered", extra={"reason": reason, "topic": item.topic,
-                                         "detail": detail[:200]})
+        log.info(
+            "dead-lettered", extra={"reason": reason, "topic": item.topic, "detail": detail[:200]}
+        )
         cap = self.settings.dlq_payload_bytes
         record = {
-            "event_id": str(uuid.uuid4()), "ts": time.time_ns() // 1000,
-            "stage": "bridge-uplink", "reason": reason, "detail": detail,
-            "source": f"mqtt:{item.topic}", "client_id": None, "device_id": device_id,
-            "payload": item.payload[:cap], "payload_size": len(item.payload),
+            "event_id": str(uuid.uuid4()),
+            "ts": time.time_ns() // 1000,
+            "stage": "bridge-uplink",
+            "reason": reason,
+            "detail": detail,
+            "source": f"mqtt:{item.topic}",
+            "client_id": None,
+            "device_id": device_id,
+            "payload": item.payload[:cap],
+            "payload_size": len(item.payload),
             "truncated": len(item.payload) > cap,
         }
         schema_id = self._dlq_ids.get(topic)
         if schema_id is None:
             # The bridge owns its dead-letter topics, so it registers their schema itself.
-            schema_id = await self._retry("registry", self.registry.register,
-                                          subject_for(topic), self.dead_letter.text)
+            schema_id = await self._retry(
+                "registry", self.registry.register, subject_for(topic), self.dead_letter.text
+            )
             self._dlq_ids[topic] = schema_id
         value = self.dlq_codec.encode(schema_id, self.dead_letter, record)
         key = device_id.encode() if device_id else None
@@ -224,7 +276,8 @@ class Uplink:
                 if isinstance(exc, EdgeloopError) and not exc.retriable:
                     raise
                 self.metrics.retries.labels(what).inc()
-                log.warning(f"{what} unavailable; retrying", extra={"error": repr(exc),
-                                                                    "delay_s": delay})
+                log.warning(
+                    f"{what} unavailable; retrying", extra={"error": repr(exc), "delay_s": delay}
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_backoff_max_s)

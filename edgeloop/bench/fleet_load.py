@@ -27,18 +27,28 @@ def inference_event(device: str, seq: int, pad: int = 0) -> dict[str, object]:
     probs[seq % 10] = 0.75
     probs[(seq + 1) % 10] = 0.25
     return {
-        "event_id": f"{device}:{seq}", "device_id": device, "seq": seq,
-        "ts": time.time_ns() // 1000, "model_version": 1, "threshold_version": 1,
-        "cohort": "default" + "x" * pad, "prediction": seq % 10, "confidence": 0.75,
-        "confidence_kind": "MAX_PROB", "probs": probs, "threshold": 0.5,
-        "decision": "LOCAL", "exit_index": 0,
+        "event_id": f"{device}:{seq}",
+        "device_id": device,
+        "seq": seq,
+        "ts": time.time_ns() // 1000,
+        "model_version": 1,
+        "threshold_version": 1,
+        "cohort": "default" + "x" * pad,
+        "prediction": seq % 10,
+        "confidence": 0.75,
+        "confidence_kind": "MAX_PROB",
+        "probs": probs,
+        "threshold": 0.5,
+        "decision": "LOCAL",
+        "exit_index": 0,
         "latency": {"preprocess_us": 40, "inference_us": 310, "decision_us": 12},
         "frame_ts": None,
     }
 
 
-def encoded_events(devices: int, per_device: int, size: int = 200,
-                   prefix: str = "dev") -> list[tuple[str, bytes]]:
+def encoded_events(
+    devices: int, per_device: int, size: int = 200, prefix: str = "dev"
+) -> list[tuple[str, bytes]]:
     """(MQTT topic, payload) pairs interleaved across devices, each about `size` bytes."""
     codec = SingleObjectCodec([catalog.get("InferenceEvent")])
     schema = catalog.get("InferenceEvent")
@@ -48,8 +58,12 @@ def encoded_events(devices: int, per_device: int, size: int = 200,
     for seq in range(per_device):
         for d in range(devices):
             device = f"{prefix}-{d}"
-            out.append((mqtt_uplink(device, UplinkKind.INFERENCE),
-                        codec.encode(schema, inference_event(device, seq, pad))))
+            out.append(
+                (
+                    mqtt_uplink(device, UplinkKind.INFERENCE),
+                    codec.encode(schema, inference_event(device, seq, pad)),
+                )
+            )
     return out
 
 
@@ -60,9 +74,14 @@ class PublishResult:
     send_ns: dict[int, int] = field(default_factory=dict)
 
 
-def publish_events(mqtt: MqttSettings, messages: list[tuple[str, bytes]], *,
-                   client_id: str = "edgeloop-load", rate: float | None = None,
-                   timeout_s: float = 300) -> PublishResult:
+def publish_events(
+    mqtt: MqttSettings,
+    messages: list[tuple[str, bytes]],
+    *,
+    client_id: str = "edgeloop-load",
+    rate: float | None = None,
+    timeout_s: float = 300,
+) -> PublishResult:
     """Publish at QoS 1 (at `rate` msg/s, or as fast as acks come); wait for every PUBACK."""
     done = threading.Event()
     acked = 0
@@ -77,8 +96,9 @@ def publish_events(mqtt: MqttSettings, messages: list[tuple[str, bytes]], *,
 
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
     if mqtt.username:
-        client.username_pw_set(mqtt.username,
-                               mqtt.password.get_secret_value() if mqtt.password else None)
+        client.username_pw_set(
+            mqtt.username, mqtt.password.get_secret_value() if mqtt.password else None
+        )
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.on_publish = on_publish
@@ -104,28 +124,47 @@ def publish_events(mqtt: MqttSettings, messages: list[tuple[str, bytes]], *,
 class Collected:
     event_ids: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    bridges: list[str] = field(default_factory=list)
     ack_ns: list[int] = field(default_factory=list)
 
 
-async def collect(bootstrap: str, topic: str, expected: int, *, timeout_s: float = 120,
-                  idle_s: float = 10) -> Collected:
-    """Read `topic` from the start until `expected` records arrived, or nothing new came
-    for `idle_s`, or `timeout_s` passed. Records the event_id header of each."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+async def collect(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    *,
+    key_prefix: str = "",
+    timeout_s: float = 120,
+    idle_s: float = 10,
+) -> Collected:
+    """Read `topic` from the start until `expected` distinct event ids keyed `key_prefix...`
+    arrived, or nothing new came for `idle_s`, or `timeout_s` passed. Keeps duplicates."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     out = Collected()
     deadline = time.monotonic() + timeout_s
     last_new = time.monotonic()
+    distinct: set[str] = set()
     try:
-        while time.monotonic() < deadline and len(out.event_ids) < expected:
+        while time.monotonic() < deadline and len(distinct) < expected:
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
             got = False
             for records in batches.values():
                 for rec in records:
+                    if not (rec.key or b"").startswith(key_prefix.encode()):
+                        continue
                     headers = dict(rec.headers or ())
-                    out.event_ids.append(headers.get("event_id", b"").decode())
+                    event_id = headers.get("event_id", b"").decode()
+                    out.event_ids.append(event_id)
+                    distinct.add(event_id)
                     out.keys.append((rec.key or b"").decode())
+                    out.bridges.append(headers.get("bridge", b"").decode())
                     out.ack_ns.append(rec.timestamp * 1_000_000)
                     got = True
             if got:

@@ -68,7 +68,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         for _ in range(3):
             for key, fn in candidates.items():
                 costs.setdefault(key, []).append(
-                    per_call_us(fn, iterations=iterations, rounds=rounds))
+                    per_call_us(fn, iterations=iterations, rounds=rounds)
+                )
         us = {k: sorted(v)[len(v) // 2] for k, v in costs.items()}
         row: dict[str, Any] = {"event": schema.short_name, "bytes": len(framed), **us}
         for op in ("encode", "decode"):
@@ -77,11 +78,14 @@ def run(quick: bool = False) -> dict[str, Any]:
         rows.append(row)
 
     worst_overhead = max(
-        r[f"{f}_{op}_overhead"] for r in rows for f in ("single", "confluent")
-        for op in ("encode", "decode"))
+        r[f"{f}_{op}_overhead"]
+        for r in rows
+        for f in ("single", "confluent")
+        for op in ("encode", "decode")
+    )
     worst_us = max(
-        r[f"{f}_{op}"] for r in rows for f in ("single", "confluent")
-        for op in ("encode", "decode"))
+        r[f"{f}_{op}"] for r in rows for f in ("single", "confluent") for op in ("encode", "decode")
+    )
     return {
         "name": "framing",
         "rows": rows,
@@ -94,15 +98,27 @@ def run(quick: bool = False) -> dict[str, Any]:
             "latency_met": worst_us <= MAX_US,
         },
         "columns": [
-            "event", "bytes", "fastavro_encode", "single_encode", "confluent_encode",
-            "fastavro_decode", "single_decode", "confluent_decode", "orjson_encode",
-            "orjson_decode", "single_decode_overhead",
+            "event",
+            "bytes",
+            "fastavro_encode",
+            "single_encode",
+            "confluent_encode",
+            "fastavro_decode",
+            "single_decode",
+            "confluent_decode",
+            "orjson_encode",
+            "orjson_decode",
+            "single_decode_overhead",
         ],
         "labels": {
-            "fastavro_encode": "fastavro enc", "single_encode": "1-obj enc",
-            "confluent_encode": "confl enc", "fastavro_decode": "fastavro dec",
-            "single_decode": "1-obj dec", "confluent_decode": "confl dec",
-            "orjson_encode": "orjson enc", "orjson_decode": "orjson dec",
+            "fastavro_encode": "fastavro enc",
+            "single_encode": "1-obj enc",
+            "confluent_encode": "confl enc",
+            "fastavro_decode": "fastavro dec",
+            "single_decode": "1-obj dec",
+            "confluent_decode": "confl dec",
+            "orjson_encode": "orjson enc",
+            "orjson_decode": "orjson dec",
             "single_decode_overhead": "1-obj dec overhead",
         },
     }

@@ -13,13 +13,29 @@ from edgeloop.bench.report import print_table, write_report
 # suite -> module with `run(quick: bool) -> dict`; imported only when selected.
 SUITES: dict[str, str] = {
     "framing": "edgeloop.bench.framing_bench",
+    "trainer": "edgeloop.bench.trainer_bench",
 }
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 @click.command()
 @click.argument("suites", nargs=-1, type=click.Choice(sorted(SUITES)))
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-results"),
-              show_default=True, help="Folder for the JSON results.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("bench-results"),
+    show_default=True,
+    help="Folder for the JSON results.",
+)
 @click.option("--quick", is_flag=True, help="Fewer iterations: a smoke run, not a measurement.")
 def bench(suites: tuple[str, ...], out: Path, quick: bool) -> None:
     """Run benchmark SUITES (default: all) and compare each figure with a baseline
@@ -27,10 +43,16 @@ def bench(suites: tuple[str, ...], out: Path, quick: bool) -> None:
     for suite in suites or tuple(SUITES):
         module = importlib.import_module(SUITES[suite])
         result: dict[str, Any] = module.run(quick=quick)
-        columns = result.get("columns") or list(result["rows"][0])
-        labels = result.get("labels", {})
-        print_table(f"{suite} (us per call unless named)", [labels.get(c, c) for c in columns],
-                    [[row[c] for c in columns] for row in result["rows"]])
+        if "rows" in result:
+            columns = result.get("columns") or list(result["rows"][0])
+            labels = result.get("labels", {})
+            print_table(
+                f"{suite} (us per call unless named)",
+                [labels.get(c, c) for c in columns],
+                [[row[c] for c in columns] for row in result["rows"]],
+            )
+        else:
+            print_table(suite, ["figure", "value"], list(_flatten(result).items()))
         for key, value in result.get("summary", {}).items():
             click.echo(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
         path = write_report(out, suite, result)

@@ -13,13 +13,22 @@ from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
 @click.command()
 @click.option("--uplink/--no-uplink", default=None, help="MQTT → Kafka (default on).")
 @click.option("--downlink/--no-downlink", default=None, help="Kafka → MQTT (default on).")
-@click.option("--client-id", help="Stable MQTT client id of this process; each bridge process "
-              "needs its own. [env EDGELOOP_BRIDGE_CLIENT_ID]")
-@click.option("--receive-maximum", type=int,
-              help="In-flight window: unacknowledged QoS 1 messages the broker may send.")
-@click.option("--validation", type=click.Choice(["full", "header"]),
-              help="full: decode every body with the bounded decoder; header: check the "
-                   "single-object header and fingerprint only.")
+@click.option(
+    "--client-id",
+    help="Stable MQTT client id of this process; each bridge process "
+    "needs its own. [env EDGELOOP_BRIDGE_CLIENT_ID]",
+)
+@click.option(
+    "--receive-maximum",
+    type=int,
+    help="In-flight window: unacknowledged QoS 1 messages the broker may send.",
+)
+@click.option(
+    "--validation",
+    type=click.Choice(["full", "header"]),
+    help="full: decode every body with the bounded decoder; header: check the "
+    "single-object header and fingerprint only.",
+)
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port.")
 def bridge(**options: Any) -> None:
     """Move device events from MQTT into Kafka, and control events from Kafka back to the
@@ -36,8 +45,9 @@ def bridge(**options: Any) -> None:
 
     overrides = {k: v for k, v in options.items() if v is not None}
     settings = BridgeSettings.load(**overrides)
-    asyncio.run(run_bridge(settings, MqttSettings.load(), KafkaSettings.load(),
-                           RegistrySettings.load()))
+    asyncio.run(
+        run_bridge(settings, MqttSettings.load(), KafkaSettings.load(), RegistrySettings.load())
+    )
 
 
 @click.group()

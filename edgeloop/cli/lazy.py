@@ -13,8 +13,9 @@ import click
 
 
 class LazyGroup(click.Group):
-    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, lazy: dict[str, tuple[str, str]] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         # name -> ("module:attribute", one-line help shown without importing the module)
         self.lazy = lazy or {}

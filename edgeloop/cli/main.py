@@ -13,12 +13,21 @@ from edgeloop.core.logs import setup_logging
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "infra": (
-        "edgeloop.cli.infra_cmd:infra", "Start, stop and inspect the embedded infrastructure."
+        "edgeloop.cli.infra_cmd:infra",
+        "Start, stop and inspect the embedded infrastructure.",
     ),
     "registry": ("edgeloop.cli.registry_cmd:registry", "Run the embedded schema registry service."),
     "schemas": ("edgeloop.cli.schemas_cmd:schemas", "Register and check the event schemas."),
     "demo": ("edgeloop.cli.demo_cmd:demo", "Bring everything up on this host and show its state."),
     "bench": ("edgeloop.cli.bench_cmd:bench", "Run benchmarks; print a table and write JSON."),
+    "bridge": ("edgeloop.cli.bridge_cmd:bridge", "Run the MQTT <-> Kafka bridge."),
+    "topics": ("edgeloop.cli.bridge_cmd:topics", "Create the Kafka topics of the topic map."),
+    "models": ("edgeloop.cli.models_cmd:models", "Bootstrap, sign and verify model artifacts."),
+    "keys": ("edgeloop.cli.keys_cmd:keys", "Create the release signing key pair."),
+    "train": (
+        "edgeloop.cli.train_cmd:train",
+        "Retrain on hard examples under torchrun; gate; release.",
+    ),
 }
 
 
@@ -28,10 +37,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="edgeloop")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", default="kv", show_default=True, type=click.Choice(["kv", "json"]),
-              help="kv: one key=value line per event; json: one JSON object per line.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option(
+    "--log-format",
+    default="kv",
+    show_default=True,
+    type=click.Choice(["kv", "json"]),
+    help="kv: one key=value line per event; json: one JSON object per line.",
+)
 def cli(log_level: str, log_format: str) -> None:
     """edgeloop closes the loop between a fleet of edge inference devices and a GPU
     training cluster: devices stream Avro events over MQTT, a bridge moves them into
@@ -45,7 +63,8 @@ def cli(log_level: str, log_format: str) -> None:
 
 def main() -> None:
     try:
-        cli(standalone_mode=False)
+        # Without standalone mode click returns a command's `ctx.exit(n)` code instead.
+        code = cli(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -58,3 +77,4 @@ def main() -> None:
         # Expected failures print one clear line, not a traceback.
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -31,7 +31,8 @@ class DecodeError(EdgeloopError):
         self, message: str, *, reason: str, schema: str | None = None, path: str | None = None
     ) -> None:
         where = " ".join(
-            part for part in (f"schema={schema}" if schema else "", f"path={path}" if path else "")
+            part
+            for part in (f"schema={schema}" if schema else "", f"path={path}" if path else "")
             if part
         )
         super().__init__(f"{message} ({where})" if where else message)

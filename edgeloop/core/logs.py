@@ -63,6 +63,9 @@ def setup_logging(level: str = "info", fmt: str = "kv") -> None:
     root.setLevel(level.upper())
     # aiokafka logs every retriable metadata hiccup at WARNING; keep ours readable.
     logging.getLogger("aiokafka").setLevel(max(root.level, logging.WARNING))
+    # One line per HTTP request drowns the events that matter; debug shows them again.
+    for chatty in ("httpx", "httpcore", "aiohttp.access"):
+        logging.getLogger(chatty).setLevel(max(root.level, logging.WARNING))
 
 
 def get_logger(name: str) -> logging.Logger:

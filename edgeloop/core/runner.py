@@ -69,7 +69,7 @@ async def run_services(services: Sequence[Service], shutdown_timeout_s: float = 
                 _, pending = await asyncio.wait(tasks, timeout=shutdown_timeout_s)
                 if pending:
                     names = ", ".join(sorted(t.get_name() for t in pending))
-                    raise ServiceCrashedError(
+                    raise ServiceCrashedError(  # noqa: TRY301 - fails the task group on purpose
                         f"services did not stop within {shutdown_timeout_s}s of the shutdown "
                         f"signal: {names}"
                     )

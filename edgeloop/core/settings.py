@@ -75,3 +75,5 @@ class MqttSettings(_Base):
     username: str | None = None
     password: SecretStr | None = None
     ca_file: Path | None = None
+    # The development PKI `infra up` made (device certificates for the simulator).
+    pki_dir: Path | None = Field(None, validation_alias="EDGELOOP_PKI_DIR")

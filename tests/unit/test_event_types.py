@@ -12,7 +12,12 @@ from edgeloop.schemas import catalog, events
 from edgeloop.schemas.catalog import EventSchema
 
 PRIMITIVES: dict[str, type] = {
-    "int": int, "long": int, "float": float, "double": float, "string": str, "bytes": bytes,
+    "int": int,
+    "long": int,
+    "float": float,
+    "double": float,
+    "string": str,
+    "bytes": bytes,
     "boolean": bool,
 }
 
@@ -51,7 +56,8 @@ def assert_record(avro: dict[str, Any], hint: Any, path: str) -> None:
         assert_matches(field["type"], hints[field["name"]], f"{path}.{field['name']}")
 
 
-@pytest.mark.parametrize("schema", sorted(catalog.catalog().values(), key=lambda s: s.name),
-                         ids=lambda s: s.short_name)
+@pytest.mark.parametrize(
+    "schema", sorted(catalog.catalog().values(), key=lambda s: s.name), ids=lambda s: s.short_name
+)
 def test_typed_view_matches_schema(schema: EventSchema) -> None:
     assert_record(schema.schema, getattr(events, schema.short_name), schema.short_name)

@@ -168,8 +168,11 @@ def test_length_bomb_is_rejected_fast_with_little_memory() -> None:
 @pytest.mark.parametrize("item", ["float", "long", "string"])
 def test_claimed_counts_larger_than_the_body_fail_without_building_them(item: str) -> None:
     schema = EventSchema(
-        {"type": "record", "name": "A", "fields": [
-            {"name": "xs", "type": {"type": "array", "items": item}}]}
+        {
+            "type": "record",
+            "name": "A",
+            "fields": [{"name": "xs", "type": {"type": "array", "items": item}}],
+        }
     )
     codec = SingleObjectCodec([schema])
     tracemalloc.start()

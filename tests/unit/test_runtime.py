@@ -98,8 +98,9 @@ def test_settings_read_the_environment_and_the_endpoints_file(
         kafka.bootstrap = "x"  # type: ignore[misc]
 
 
-def test_secrets_are_masked_in_settings_output(monkeypatch: pytest.MonkeyPatch,
-                                               tmp_path: Path) -> None:
+def test_secrets_are_masked_in_settings_output(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("EDGELOOP_REGISTRY_PASSWORD", "hunter2")
     settings = RegistrySettings.load(tmp_path)
     assert "hunter2" not in repr(settings)
@@ -107,8 +108,9 @@ def test_secrets_are_masked_in_settings_output(monkeypatch: pytest.MonkeyPatch,
 
 
 def _record(**extra: object) -> logging.LogRecord:
-    record = logging.LogRecord("edgeloop.test", logging.INFO, __file__, 1, "event happened",
-                               (), None)
+    record = logging.LogRecord(
+        "edgeloop.test", logging.INFO, __file__, 1, "event happened", (), None
+    )
     record.__dict__.update(extra)
     return record
 
@@ -140,15 +142,20 @@ def test_cli_help_lists_commands_without_importing_heavy_modules() -> None:
         "heavy = [m for m in ('torch', 'faust', 'aiokafka', 'onnxruntime') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert "infra" in out and "schemas" in out
     assert "HEAVY []" in out
 
 
 def test_cli_reports_expected_errors_in_one_line_and_exits_non_zero() -> None:
-    proc = subprocess.run([sys.executable, "-m", "edgeloop", "bench", "no-such-suite"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeloop", "bench", "no-such-suite"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "no-such-suite" in proc.stderr
     assert "Traceback" not in proc.stderr

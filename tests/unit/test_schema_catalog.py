@@ -13,8 +13,16 @@ from edgeloop.schemas import catalog, topics
 from edgeloop.schemas.catalog import EventSchema
 
 REQUIRED_EVENTS = {
-    "InferenceEvent", "OffloadRequest", "CloudVerdict", "HardExample", "StreamSignal",
-    "ThresholdUpdate", "TrainingTrigger", "ModelRelease", "DeviceStatus", "DeviceRecord",
+    "InferenceEvent",
+    "OffloadRequest",
+    "CloudVerdict",
+    "HardExample",
+    "StreamSignal",
+    "ThresholdUpdate",
+    "TrainingTrigger",
+    "ModelRelease",
+    "DeviceStatus",
+    "DeviceRecord",
     "DeadLetter",
 }
 DEVICE_EVENTS = {"InferenceEvent", "OffloadRequest", "DeviceStatus"}
