@@ -1,0 +1,116 @@
+"""Shared by the bridge tests: the bridge as an operator runs it, and delivery checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from edgeloop.core.settings import MqttSettings
+from edgeloop.infra.testing import InfraEndpoints
+from edgeloop.schemas import catalog
+from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.schemas.topics import TOPICS, subject_for
+from edgeloop.streams.topic_admin import ensure_topics
+
+RECEIVE_MAXIMUM = 500
+
+
+class BridgeProcess:
+    """A bridge process. Each test uses its own share group: a stopped bridge's persistent
+    session stays in its group and keeps receiving its share until it expires."""
+
+    def __init__(self, home: Path, client_id: str, log: Path, **env: str) -> None:
+        self.home = home
+        self.client_id = client_id
+        self.log = log
+        self.env = env
+        self.downlink = False
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "EDGELOOP_HOME": str(self.home), **self.env}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgeloop",
+                    "bridge",
+                    "--client-id",
+                    self.client_id,
+                    "--receive-maximum",
+                    str(RECEIVE_MAXIMUM),
+                    "--downlink" if self.downlink else "--no-downlink",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def subscribed(self, times: int = 1, timeout_s: float = 60) -> None:
+        """Wait until the bridge's MQTT session holds its subscription (`times` connects).
+
+        The broker keeps messages for a subscription that exists; what is published before
+        the first subscription ever was has nowhere to go.
+        """
+        async with asyncio.timeout(timeout_s):
+            while self.log.read_text().count("mqtt connected") < times:
+                assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+                await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                pytest.fail(f"bridge did not stop on SIGTERM; log: {self.log}")
+
+
+async def prepare(stack: InfraEndpoints) -> None:
+    await ensure_topics(stack.kafka.bootstrap)
+    assert stack.registry is not None
+    async with RegistryClient(stack.registry.url) as registry:
+        for spec in TOPICS.values():
+            await registry.register(subject_for(spec.name), catalog.get(spec.event).text)
+
+
+def mqtt_settings(stack: InfraEndpoints) -> MqttSettings:
+    return MqttSettings.load(stack.home)
+
+
+def check_delivery(
+    event_ids: list[str], keys: list[str], expected: set[str], window: int, *, ordered: bool = True
+) -> None:
+    """Every expected event once after dedup, duplicates within the window, and each
+    device's events in seq order (first occurrence wins, as a consumer dedups)."""
+    counts = Counter(event_ids)
+    missing = expected - set(counts)
+    assert not missing, f"{len(missing)} events lost, e.g. {sorted(missing)[:5]}"
+    duplicates = sum(c - 1 for c in counts.values())
+    assert duplicates <= window, f"{duplicates} duplicates exceed the in-flight window {window}"
+    seen: set[str] = set()
+    last_seq: dict[str, int] = defaultdict(lambda: -1)
+    for event_id, key in zip(event_ids, keys, strict=True):
+        if event_id in seen:
+            continue
+        seen.add(event_id)
+        device, seq = event_id.rsplit(":", 1)
+        assert key == device
+        if not ordered:
+            continue
+        assert int(seq) > last_seq[device], f"{device}: seq {seq} after {last_seq[device]}"
+        last_seq[device] = int(seq)
