@@ -186,21 +186,23 @@ class Downlink:
 
     async def _follow_state(self, client: aiomqtt.Client) -> None:
         """Tail the compacted topics from the beginning, without a group."""
+        # Without a group, aiokafka assigns every partition of the named topics itself.
         consumer = AIOKafkaConsumer(
+            FLEET,
+            RELEASES,
+            THRESHOLDS,
             bootstrap_servers=self.kafka.bootstrap,
+            group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id=f"{self.settings.client_id}-fleet",
         )
         await consumer.start()
         try:
-            partitions = [
-                TopicPartition(t, p)
-                for t in (FLEET, RELEASES, THRESHOLDS)
-                for p in (consumer.partitions_for_topic(t) or {0})
-            ]
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
+            async with asyncio.timeout(60):
+                # aiokafka exposes no event for "assignment known"; its metadata poll is brief.
+                while not (partitions := sorted(consumer.assignment())):  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
             ends = await consumer.end_offsets(partitions)
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=1000)
