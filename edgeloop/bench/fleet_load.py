@@ -174,3 +174,29 @@ async def collect(
         return out
     finally:
         await consumer.stop()
+
+
+def main() -> None:
+    """`python -m edgeloop.bench.fleet_load`: a publisher in its own process, so it does not
+    share a GIL with what it measures. Prints one JSON line with the result."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--home", type=Path, required=True, help="EDGELOOP_HOME with infra.env")
+    parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--per-device", type=int, default=400)
+    parser.add_argument("--size", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=None, help="msg/s; default: flat out")
+    parser.add_argument("--prefix", default="bench")
+    args = parser.parse_args()
+    messages = encoded_events(args.devices, args.per_device, args.size, args.prefix)
+    result = publish_events(
+        MqttSettings.load(args.home), messages, client_id=f"load-{args.prefix}", rate=args.rate
+    )
+    print(json.dumps({"sent": result.sent, "seconds": result.seconds}))
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ from edgeloop.bench.report import print_table, write_report
 SUITES: dict[str, str] = {
     "framing": "edgeloop.bench.framing_bench",
     "trainer": "edgeloop.bench.trainer_bench",
+    "bridge": "edgeloop.bench.bridge_bench",
 }
 
 
