@@ -7,6 +7,7 @@ fingerprint) so nothing is recomputed per message.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass, field
 from functools import cache
@@ -59,7 +60,7 @@ class EventSchema:
         object.__setattr__(self, "fingerprint", fp)
         object.__setattr__(self, "parsed", parsed)
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         """Full name, e.g. `edgeloop.v1.InferenceEvent`."""
         name = str(self.schema["name"])

@@ -22,12 +22,13 @@ class SchemaIds:
         # Keys come from known fingerprints only, so this holds at most
         # (#topics x #schema versions) entries.
         self._ids: dict[tuple[str, bytes], int] = {}
+        self._hits = metrics.registry_lookups.labels("hit")
 
     async def id_for(self, subject: str, schema: EventSchema) -> int:
         key = (subject, schema.fingerprint)
         schema_id = self._ids.get(key)
         if schema_id is not None:
-            self._metrics.registry_lookups.labels("hit").inc()
+            self._hits.inc()
             return schema_id
         self._metrics.registry_lookups.labels("miss").inc()
         try:

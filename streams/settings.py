@@ -28,8 +28,11 @@ class BridgeSettings(_Base):
     receive_maximum: int = Field(1000, ge=1, le=65535)
     max_message_bytes: int = Field(256 * 1024, ge=64)
     validation: Literal["full", "header"] = "full"
-    # Kafka producer batching.
-    linger_ms: int = Field(5, ge=0)
+    # native: the asyncio MQTT 5 receive path (fast); paho: paho-mqtt on its own thread.
+    intake: Literal["native", "paho"] = "native"
+    # Kafka producer batching. aiokafka batches on its own while a request is in flight,
+    # so lingering only adds latency at low rates (measured: p50 2.8 ms at 0, 8.5 ms at 5).
+    linger_ms: int = Field(0, ge=0)
     max_batch_bytes: int = Field(256 * 1024, ge=1024)
     # How much of a rejected payload the dead-letter event keeps.
     dlq_payload_bytes: int = Field(4096, ge=0)

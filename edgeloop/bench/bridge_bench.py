@@ -184,6 +184,34 @@ async def _latency(metrics_port: int) -> dict[str, float]:
     }
 
 
+def _spawn_bridges(
+    stack_home: Path, work: Path, processes: int, tag: str, metrics_ports: list[int]
+) -> list[subprocess.Popen[bytes]]:
+    return [
+        _edgeloop(
+            stack_home,
+            "bridge",
+            "--no-downlink",
+            "--client-id",
+            f"bench-{tag}-{i}",
+            "--metrics-port",
+            str(metrics_ports[i]),
+            log=work / f"bridge-{tag}-{i}.log",
+            # A run's own share group: the sessions of earlier runs' bridges stay in
+            # theirs and would otherwise receive a share of this run's events.
+            EDGELOOP_BRIDGE_SHARE_GROUP=f"bench-{tag}",
+        )
+        for i in range(processes)
+    ]
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(30)
+
+
 async def bridge_run(
     *,
     stack_home: Path,
@@ -193,51 +221,47 @@ async def bridge_run(
     n: int,
     tag: str,
     rate: float | None = None,
+    backlog: bool = False,
 ) -> dict[str, Any]:
-    """Start `processes` bridges, publish n events, wait until all are in Kafka."""
-    bridges = []
-    metrics_ports = []
-    for i in range(processes):
-        port = free_port()
-        metrics_ports.append(port)
-        log = work / f"bridge-{tag}-{i}.log"
-        bridges.append(
-            _edgeloop(
-                stack_home,
-                "bridge",
-                "--no-downlink",
-                "--client-id",
-                f"bench-{tag}-{i}",
-                "--metrics-port",
-                str(port),
-                log=log,
-                # A run's own share group: the sessions of earlier runs' bridges stay in
-                # theirs and would otherwise receive a share of this run's events.
-                EDGELOOP_BRIDGE_SHARE_GROUP=f"bench-{tag}",
-            )
-        )
+    """Move n events through `processes` bridges and time it until the last one is in
+    Kafka. Live: from the publisher's start. With `backlog`, the events are queued in the
+    broker while the bridges are down, and the clock starts when the restarted bridges
+    are subscribed: the bridges' own capacity, free of the load generator's limits."""
+    ports = [free_port() for _ in range(processes)]
+    devices = 50
+    bridges = _spawn_bridges(stack_home, work, processes, tag, ports)
     try:
         for i in range(processes):
             await _wait_for(work / f"bridge-{tag}-{i}.log", "mqtt connected")
-        devices = 50
-        start = time.perf_counter()
-        pub = _publisher(stack_home, tag, devices, n // devices, rate)
+        if backlog:
+            _stop(bridges)  # their sessions, with the subscription, stay in the broker
+            pub = _publisher(stack_home, tag, devices, n // devices, rate)
+            out, _ = await asyncio.to_thread(pub.communicate, timeout=300)
+            bridges = _spawn_bridges(stack_home, work, processes, tag, ports)
+            for i in range(processes):
+                await _wait_for(work / f"bridge-{tag}-{i}.log", "mqtt connected", times=2)
+            start = time.perf_counter()
+        else:
+            start = time.perf_counter()
+            pub = _publisher(stack_home, tag, devices, n // devices, rate)
         got = await collect(
             bootstrap, "edge.inference.v1", n, key_prefix=f"{tag}-", timeout_s=600, idle_s=30
         )
-        elapsed = time.perf_counter() - start
-        out, _ = pub.communicate(timeout=60)
+        if not backlog:
+            out, _ = await asyncio.to_thread(pub.communicate, timeout=60)
         published = json.loads(out.decode().strip().splitlines()[-1])
         delivered = len(set(got.event_ids))
+        elapsed = time.perf_counter() - start
         result: dict[str, Any] = {
             "processes": processes,
+            "mode": "backlog" if backlog else "live",
             "events": n,
             "delivered": delivered,
             "events_per_s": delivered / elapsed,
             "publish_events_per_s": published["sent"] / published["seconds"],
         }
         if rate:
-            lat = [await _latency(p) for p in metrics_ports]
+            lat = [await _latency(p) for p in ports]
             result |= (
                 {"offered_rate": rate, **lat[0]}
                 if processes == 1
@@ -245,10 +269,7 @@ async def bridge_run(
             )
         return result
     finally:
-        for proc in bridges:
-            proc.terminate()
-        for proc in bridges:
-            proc.wait(30)
+        _stop(bridges)
 
 
 async def _run(quick: bool) -> dict[str, Any]:
@@ -267,18 +288,21 @@ async def _run(quick: bool) -> dict[str, Any]:
             c_rate = await c_clients_qos1(mqtt, n)
             kafka_rate = await bare_kafka(bootstrap, n)
             bridges = partial(bridge_run, stack_home=home, bootstrap=bootstrap, work=home)
-            one = await bridges(processes=1, n=n, tag="b1")
-            half = await bridges(processes=1, n=n // 2, tag="b1h", rate=one["events_per_s"] / 2)
-            two = await bridges(processes=2, n=n, tag="b2")
+            one = await bridges(processes=1, n=n, tag="b1", backlog=True)
+            live = await bridges(processes=1, n=n, tag="b1l")
+            sustained = min(one["events_per_s"], live["events_per_s"])
+            half = await bridges(processes=1, n=n // 2, tag="b1h", rate=sustained / 2)
+            two = await bridges(processes=2, n=n, tag="b2", backlog=True)
     rows = [
         {"what": "mosquitto C clients, QoS 1", "events_per_s": c_rate},
         {"what": "bare aiokafka producer, acks=all", "events_per_s": kafka_rate},
-        {"what": "bridge x1", "events_per_s": one["events_per_s"]},
-        {"what": "bridge x2", "events_per_s": two["events_per_s"]},
+        {"what": "bridge x1, draining a backlog", "events_per_s": one["events_per_s"]},
+        {"what": "bridge x1, live publisher", "events_per_s": live["events_per_s"]},
+        {"what": "bridge x2, draining a backlog", "events_per_s": two["events_per_s"]},
     ]
     for row in rows:
         row["vs_c_clients"] = row["events_per_s"] / c_rate
-    delivered = all(r["delivered"] == r["events"] for r in (one, half, two))
+    delivered = all(r["delivered"] == r["events"] for r in (one, live, half, two))
     if delivered:
         shutil.rmtree(home, ignore_errors=True)
     return {
@@ -287,7 +311,7 @@ async def _run(quick: bool) -> dict[str, Any]:
         "work_dir": None if delivered else str(home),
         "rows": rows,
         "columns": ["what", "events_per_s", "vs_c_clients"],
-        "runs": {"one": one, "half_rate": half, "two": two},
+        "runs": {"one": one, "live": live, "half_rate": half, "two": two},
         "summary": {
             "bridge_x1_events_per_s": one["events_per_s"],
             "bridge_x1_share_of_c_clients": one["events_per_s"] / c_rate,

@@ -50,9 +50,11 @@ class MosquittoLimits:
     and counts the message ($SYS/broker/...dropped), which the bridge's lag shows.
     """
 
-    # Per client, QoS 1/2 messages sent but not yet acknowledged. MQTT 5 clients lower it
-    # with Receive Maximum; the bridge does, to bound its own buffers.
-    max_inflight_messages: int = 100
+    # Per client, QoS 1/2 messages sent but not yet acknowledged; MQTT 5 clients lower it
+    # with Receive Maximum. The bridge acknowledges only after Kafka's ack, so its rate is
+    # at most this window per Kafka round trip: 100 capped it near 7k/s, hence 1000
+    # (the bridge's own Receive Maximum then decides).
+    max_inflight_messages: int = 1000
     max_queued_messages: int = 200_000
     max_queued_bytes: int = 256 * 1024 * 1024
     # Persistent sessions (clean_start false) of devices offline longer than this are
