@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
 from aiokafka import AIOKafkaProducer
@@ -25,7 +24,7 @@ from edgeloop.core.errors import InfraError
 from edgeloop.core.logs import get_logger
 from edgeloop.infra import kafka_jvm
 from edgeloop.infra.ports import LOOPBACK, free_port, free_ports, is_listening
-from edgeloop.infra.process import ChildProcess, wait_until_healthy
+from edgeloop.infra.process import ChildProcess, ManagedServer, wait_until_healthy
 
 log = get_logger(__name__)
 
@@ -81,7 +80,7 @@ async def idempotence_works(bootstrap: str, timeout_s: float = 15.0) -> bool:
         await producer.stop()
 
 
-class KafkaBroker:
+class KafkaBroker(ManagedServer):
     """Common lifecycle; subclasses say how to launch (or not) the broker process."""
 
     flavor: Flavor
@@ -94,19 +93,6 @@ class KafkaBroker:
     @property
     def bootstrap(self) -> str:
         raise NotImplementedError
-
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid if self._child else None
-
-    @property
-    def process(self) -> ChildProcess | None:
-        """The current broker process (None before start, or for an external broker)."""
-        return self._child
-
-    @property
-    def running(self) -> bool:
-        return self._child is not None and self._child.running
 
     @property
     def log_file(self) -> Path | None:
@@ -155,31 +141,11 @@ class KafkaBroker:
                 f"{self.start_timeout_s:.0f}s (metadata request and topic create)"
             ) from None
 
-    async def stop(self) -> None:
-        if self._child is not None:
-            await self._child.stop()
-
     async def kill(self) -> None:
         """SIGKILL the broker (fault tests). External brokers cannot be killed."""
         if self._child is None:
             raise InfraError(f"{self.flavor} broker has no process to kill")
         await self._child.kill()
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> KafkaBroker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 class TansuBroker(KafkaBroker):

@@ -25,7 +25,6 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import aiomqtt
 from pydantic import SecretStr
@@ -33,7 +32,7 @@ from pydantic import SecretStr
 from edgeloop.core.errors import InfraError
 from edgeloop.infra.pki import DeviceCredentials, DevPki, ServerCredentials
 from edgeloop.infra.ports import LOOPBACK, free_ports, is_listening
-from edgeloop.infra.process import ChildProcess, wait_until_healthy
+from edgeloop.infra.process import ChildProcess, ManagedServer, wait_until_healthy
 
 CLOUD_USER = "edgeloop-cloud"
 INSTALL_HINT = "mosquitto not found: apt-get install mosquitto (or put it on PATH)"
@@ -154,7 +153,7 @@ def render_conf(
     )
 
 
-class Mosquitto:
+class Mosquitto(ManagedServer):
     """Mosquitto under `workdir` with the PKI's server cert; an async context manager."""
 
     flavor = "mosquitto"
@@ -195,19 +194,6 @@ class Mosquitto:
     @property
     def ca_file(self) -> Path:
         return self.pki.ca_cert_path
-
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid if self._child else None
-
-    @property
-    def process(self) -> ChildProcess | None:
-        """The current broker process (None before start, or for an external broker)."""
-        return self._child
-
-    @property
-    def running(self) -> bool:
-        return self._child is not None and self._child.running
 
     @property
     def log_file(self) -> Path:
@@ -290,30 +276,6 @@ class Mosquitto:
                 return True
         except aiomqtt.MqttError:
             return False
-
-    async def stop(self) -> None:
-        if self._child is not None:
-            await self._child.stop()
-
-    async def kill(self) -> None:
-        if self._child is not None:
-            await self._child.kill()
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> Mosquitto:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def _current_user() -> str:

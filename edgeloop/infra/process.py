@@ -15,6 +15,8 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from edgeloop.core.errors import InfraError
 from edgeloop.core.logs import get_logger
@@ -185,3 +187,54 @@ async def wait_until_healthy(
             f"{child.name} did not become healthy within {timeout_s:.0f}s; "
             f"last lines of {child.log_file}:\n{tail(child.log_file)}"
         ) from None
+
+
+class ManagedServer:
+    """The lifecycle every server of the launcher shares; subclasses write `start()`.
+
+    `stop()` is graceful, `kill()` is SIGKILL (fault tests), `restart()` is both halves;
+    as an async context manager the server is stopped however the block ends.
+    """
+
+    _child: ChildProcess | None = None
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child else None
+
+    @property
+    def process(self) -> ChildProcess | None:
+        """The current server process (None before start, or for an external server)."""
+        return self._child
+
+    @property
+    def running(self) -> bool:
+        return self._child is not None and self._child.running
+
+    async def stop(self) -> None:
+        if self._child is not None:
+            await self._child.stop()
+
+    async def kill(self) -> None:
+        if self._child is None:
+            raise InfraError(f"{type(self).__name__} has no process to kill")
+        await self._child.kill()
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
 from edgeloop.infra.ports import LOOPBACK, free_port
-from edgeloop.infra.process import ChildProcess, wait_until_healthy
+from edgeloop.infra.process import ChildProcess, ManagedServer, wait_until_healthy
 
 
-class RegistryProcess:
+class RegistryProcess(ManagedServer):
     """`python -m edgeloop registry --bootstrap ... --host 127.0.0.1 --port N`."""
 
     flavor = "edgeloop"
@@ -44,18 +43,6 @@ class RegistryProcess:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid if self._child else None
-
-    @property
-    def process(self) -> ChildProcess | None:
-        return self._child
-
-    @property
-    def running(self) -> bool:
-        return self._child is not None and self._child.running
 
     @property
     def log_file(self) -> Path:
@@ -99,27 +86,3 @@ class RegistryProcess:
             # Never leave a half-started service behind a failed (or cancelled) start.
             await self._child.stop()
             raise
-
-    async def stop(self) -> None:
-        if self._child is not None:
-            await self._child.stop()
-
-    async def kill(self) -> None:
-        if self._child is not None:
-            await self._child.kill()
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> RegistryProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
