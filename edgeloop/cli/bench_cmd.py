@@ -15,6 +15,7 @@ SUITES: dict[str, str] = {
     "framing": "edgeloop.bench.framing_bench",
     "trainer": "edgeloop.bench.trainer_bench",
     "bridge": "edgeloop.bench.bridge_bench",
+    "edge": "edgeloop.bench.edge_bench",
 }
 
 

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "topics": ("edgeloop.cli.bridge_cmd:topics", "Create the Kafka topics of the topic map."),
     "models": ("edgeloop.cli.models_cmd:models", "Bootstrap, sign and verify model artifacts."),
     "keys": ("edgeloop.cli.keys_cmd:keys", "Create the release signing key pair."),
+    "edge": ("edgeloop.cli.edge_cmd:edge", "Run a device daemon or a simulated fleet."),
     "train": (
         "edgeloop.cli.train_cmd:train",
         "Retrain on hard examples under torchrun; gate; release.",

@@ -1,0 +1,102 @@
+"""Prometheus metrics of the edge daemon (names `edgeloop_edge_*`).
+
+One registry per process; the simulator runs many devices in one process, so every
+collector carries a `device` label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1, 1.0
+)  # fmt: skip
+_PUBLISH_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300)
+
+
+class EdgeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        d = ["device"]
+        self.latency = Histogram(
+            "edgeloop_edge_decision_latency_seconds",
+            "Per frame, by stage: preprocess, inference (session.run), decision, total",
+            [*d, "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "edgeloop_edge_decisions_total", "Frames decided, by decision", [*d, "decision"],
+            registry=r,
+        )  # fmt: skip
+        self.over_budget = Counter(
+            "edgeloop_edge_offload_over_budget_total",
+            "Offloads or audits acted on locally because the byte budget was spent",
+            [*d, "wanted"],
+            registry=r,
+        )
+        self.offload_bytes = Counter(
+            "edgeloop_edge_offload_bytes_total", "Compressed input bytes offloaded", d, registry=r
+        )
+        self.frames_dropped = Counter(
+            "edgeloop_edge_frames_dropped_total",
+            "Frames dropped because the model was busy (newest frame wins)",
+            d,
+            registry=r,
+        )
+        self.frames_failed = Counter(
+            "edgeloop_edge_frames_failed_total",
+            "Frames that could not be processed (bad shape, ...), by error type",
+            [*d, "error"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "edgeloop_edge_outbox_depth", "Events stored, not yet acknowledged", d, registry=r
+        )
+        self.outbox_lost = Counter(
+            "edgeloop_edge_outbox_lost_total",
+            "Events lost to the outbox cap, by policy (drop_oldest / reject_new)",
+            [*d, "policy"],
+            registry=r,
+        )
+        self.published = Counter(
+            "edgeloop_edge_published_total", "Events acknowledged by the broker", [*d, "kind"],
+            registry=r,
+        )  # fmt: skip
+        self.publish_rejected = Counter(
+            "edgeloop_edge_publish_rejected_total",
+            "Events the broker refused with a PUBACK reason code",
+            [*d, "reason"],
+            registry=r,
+        )
+        self.publish_latency = Histogram(
+            "edgeloop_edge_publish_latency_seconds",
+            "From the event's creation to the broker's PUBACK (includes time offline)",
+            d,
+            buckets=_PUBLISH_BUCKETS,
+            registry=r,
+        )
+        self.connected = Gauge(
+            "edgeloop_edge_connected", "1 while the MQTT session is up", d, registry=r
+        )
+        self.reconnects = Counter(
+            "edgeloop_edge_reconnects_total", "MQTT connection attempts that failed or ended", d,
+            registry=r,
+        )  # fmt: skip
+        self.applied_version = Gauge(
+            "edgeloop_edge_applied_version", "Applied version by kind (model, threshold)",
+            [*d, "kind"], registry=r,
+        )  # fmt: skip
+        self.updates = Counter(
+            "edgeloop_edge_updates_total",
+            "Downlink updates by kind and outcome (applied, stale, refused:<reason>, ...)",
+            [*d, "kind", "outcome"],
+            registry=r,
+        )
+        self.verdicts = Counter(
+            "edgeloop_edge_verdicts_total",
+            "Cloud verdicts on offloads: agree, disagree, unmatched",
+            [*d, "outcome"],
+            registry=r,
+        )
