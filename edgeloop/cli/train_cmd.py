@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -117,3 +118,54 @@ def mine(out: Path | None, hard_out: Path, seed: int) -> None:
     from edgeloop.trainer.home import TrainerHome
 
     click.echo(json.dumps(mine_field_pool(TrainerHome(_home(out)), hard_out, seed=seed)))
+
+
+@train.command("serve")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Trainer home [$EDGELOOP_HOME/trainer]. [env EDGELOOP_TRAINER_HOME]",
+)
+@click.option("--epochs", type=int, help="Epochs per retrain. [env EDGELOOP_TRAINER_EPOCHS]")
+@click.option("--nproc", type=int, help="Processes under torchrun (one per GPU).")
+@click.option("--threads", type=int, help="CPU threads per process.")
+@click.option("--canary-cohort", help="Cohort a release goes to first.")
+@click.option("--artifact-base-url", help="Where devices download artifacts (the served store).")
+@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port.")
+def serve(**options: Any) -> None:
+    """Consume training triggers: read exactly the hard-example offset ranges each names,
+    retrain, gate, sign and publish a ModelRelease (canary cohort first).
+
+    Each trigger id is handled at most once, across restarts too (a ledger in the trainer
+    home, then the offset commit). A bad trigger becomes a DeadLetter on
+    ml.training-triggers.dlq.v1 with its reason; the service keeps running. Endpoints come
+    from $EDGELOOP_HOME/infra.env; every option also reads EDGELOOP_TRAINER_<OPTION>.
+    """
+    import asyncio
+
+    from edgeloop.core.runner import run_services
+    from edgeloop.core.settings import KafkaSettings, RegistrySettings
+    from edgeloop.schemas.registry.client import RegistryClient
+    from edgeloop.trainer.home import TrainerHome
+    from edgeloop.trainer.serve_settings import TrainerServeSettings
+    from edgeloop.trainer.trigger_consumer import TriggerConsumer
+
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if "out" in overrides:
+        overrides["home"] = overrides.pop("out")
+    settings = TrainerServeSettings.load(**overrides)
+    home = settings.home or _home(None)
+    keys = settings.keys_dir or edgeloop_home() / "keys"
+    for name in (PRIVATE_KEY_NAME, PUBLIC_KEY_NAME):
+        if not (keys / name).is_file():
+            raise ConfigError(f"no release key {keys / name}; run `edgeloop keys init` first")
+
+    async def main() -> None:
+        async with RegistryClient.from_settings(RegistrySettings.load()) as registry:
+            consumer = TriggerConsumer(
+                settings, KafkaSettings.load(), registry, home=TrainerHome(home), keys_dir=keys
+            )
+            await run_services([consumer])
+
+    asyncio.run(main())
