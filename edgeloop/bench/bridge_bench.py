@@ -244,10 +244,14 @@ async def bridge_run(
         else:
             start = time.perf_counter()
             pub = _publisher(stack_home, tag, devices, n // devices, rate)
+            if rate:
+                # Measuring latency: let nothing else (our own Kafka reader) take CPU from
+                # the bridge while it runs; count what arrived afterwards.
+                out, _ = await asyncio.to_thread(pub.communicate, timeout=300)
         got = await collect(
             bootstrap, "edge.inference.v1", n, key_prefix=f"{tag}-", timeout_s=600, idle_s=30
         )
-        if not backlog:
+        if not backlog and not rate:
             out, _ = await asyncio.to_thread(pub.communicate, timeout=60)
         published = json.loads(out.decode().strip().splitlines()[-1])
         delivered = len(set(got.event_ids))

@@ -34,7 +34,7 @@ def _fastavro_decode(parsed: Any, body: bytes) -> object:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    iterations, rounds = (1_000, 5) if quick else (5_000, 15)
+    iterations, rounds = (1_000, 5) if quick else (3_000, 9)
     schemas = sorted(catalog.catalog().values(), key=lambda s: s.short_name)
     single = SingleObjectCodec(schemas)
     confluent = ConfluentCodec()
