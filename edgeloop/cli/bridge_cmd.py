@@ -29,6 +29,12 @@ from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
     help="full: decode every body with the bounded decoder; header: check the "
     "single-object header and fingerprint only.",
 )
+@click.option(
+    "--intake",
+    type=click.Choice(["native", "paho"]),
+    help="MQTT receive path: native (asyncio MQTT 5, fast; default) or paho (paho-mqtt on "
+    "its own thread).",
+)
 @click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port.")
 def bridge(**options: Any) -> None:
     """Move device events from MQTT into Kafka, and control events from Kafka back to the

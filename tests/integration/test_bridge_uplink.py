@@ -75,12 +75,14 @@ async def test_two_bridges_share_the_load_and_deliver_everything(
     await prepare(infra_stack)
     prefix = f"s{uuid.uuid4().hex[:6]}"
     messages = encoded_events(devices=20, per_device=500, prefix=prefix)
-    for i in range(2):
+    # One bridge on each MQTT receive path: the asyncio one (default) and paho's.
+    for i, intake in enumerate(("native", "paho")):
         bridge = BridgeProcess(
             infra_stack.home,
             f"bridge-{prefix}-{i}",
             tmp_path / f"bridge-{i}.log",
             EDGELOOP_BRIDGE_SHARE_GROUP=prefix,
+            EDGELOOP_BRIDGE_INTAKE=intake,
         )
         bridges.append(bridge)
         bridge.start()
