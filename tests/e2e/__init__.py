@@ -1,0 +1,1 @@
+"""End-to-end tests of the whole loop (devices → bridge → agents → trainer → devices)."""
