@@ -23,6 +23,7 @@ uses the function-scoped factories instead, so it cannot disturb other tests:
 - `kafka_flavor`       "tansu" / "apache", parametrized like `kafka_broker`, to pass to
                        `kafka_factory` so that fault tests honour EDGELOOP_TEST_KAFKA too.
 - `mosquitto_factory`  `await mosquitto_factory()` -> a started Mosquitto (shares `pki`).
+- `bridges`            a list a test appends `BridgeProcess`es to; each is stopped after.
 
 Both run on the test's own loop and are stopped after the test. A server that cannot be
 started (binary missing, ...) fails the test with the fix in the message; nothing skips.
@@ -44,6 +45,7 @@ from edgeloop.infra.mosquitto import Mosquitto
 from edgeloop.infra.pki import DevPki
 from edgeloop.infra.registry_proc import RegistryProcess
 from edgeloop.infra.testing import InfraEndpoints, LoopThread
+from tests.integration.bridge_support import BridgeProcess
 
 KAFKA_ENV = "EDGELOOP_TEST_KAFKA"
 
@@ -194,3 +196,12 @@ async def mosquitto_factory(
     finally:
         for broker in reversed(started):
             await broker.stop()
+
+
+@pytest.fixture
+def bridges() -> Iterator[list[BridgeProcess]]:
+    """Bridge processes a test starts; each is stopped (SIGTERM) after the test."""
+    started: list[BridgeProcess] = []
+    yield started
+    for bridge in started:
+        bridge.stop()
