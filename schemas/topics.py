@@ -44,6 +44,10 @@ TOPICS: dict[str, TopicSpec] = dict(
 )
 
 
+# Dead letters of uplink messages whose MQTT topic names no known kind.
+UPLINK_DLQ = "edge.uplink.dlq.v1"
+
+
 def dlq_topic(topic: str) -> str:
     """`edge.inference.v1` -> `edge.inference.dlq.v1`."""
     base, _, version = topic.rpartition(".")

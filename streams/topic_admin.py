@@ -8,11 +8,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from edgeloop.core.logs import get_logger
-from edgeloop.schemas.topics import TOPICS, dlq_topic
+from edgeloop.schemas.topics import TOPICS, UPLINK_DLQ, dlq_topic
 
 log = get_logger(__name__)
-
-UPLINK_DLQ = "edge.uplink.dlq.v1"
 
 
 def all_topics() -> dict[str, bool]:

@@ -29,6 +29,7 @@ from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec, single_t
 from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.schemas.topics import (
     TOPICS,
+    UPLINK_DLQ,
     UPLINK_TOPIC,
     UplinkKind,
     dlq_topic,
@@ -40,7 +41,6 @@ from edgeloop.streams.metrics import BridgeMetrics
 from edgeloop.streams.native_intake import NativeIntake
 from edgeloop.streams.schema_ids import SchemaIds, UnregisteredSchemaError
 from edgeloop.streams.settings import BridgeSettings
-from edgeloop.streams.topic_admin import UPLINK_DLQ
 
 log = get_logger(__name__)
 
@@ -236,8 +236,14 @@ class Uplink:
     def _validate(
         self, item: Incoming, device_id: str, kind: UplinkKind
     ) -> tuple[EventSchema, list[tuple[str, bytes]]]:
-        """Header checks always; a full bounded decode unless validation is `header`."""
-        schema = self.codec.peek(item.payload)
+        """Header checks always; a full bounded decode unless validation is `header`.
+
+        Decoding checks the header itself, so the full path reads the header once."""
+        full = self.settings.validation == "full"
+        if full:
+            schema, record = self.codec.decode(item.payload)
+        else:
+            schema = self.codec.peek(item.payload)
         expected = EXPECTED_SCHEMA[kind]
         if schema.name != expected.name:
             raise DecodeError(
@@ -246,8 +252,7 @@ class Uplink:
                 schema=schema.name,
             )
         headers = [("mqtt_topic", item.topic.encode()), ("bridge", self._bridge_id)]
-        if self.settings.validation == "full":
-            _, record = self.codec.decode(item.payload)
+        if full:
             if record["device_id"] != device_id:
                 raise DecodeError(
                     f"event says device_id={record['device_id']!r} but was published "

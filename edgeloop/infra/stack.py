@@ -284,7 +284,7 @@ def endpoints_env(
         "EDGELOOP_MQTT_USERNAME": mosquitto.username,
         "EDGELOOP_MQTT_PASSWORD": mosquitto.password.get_secret_value(),
         "EDGELOOP_MQTT_CA_FILE": str(mosquitto.ca_file),
-        # Where device certificates are issued (DevPki); not yet a settings field.
+        # Where device certificates are issued (DevPki): MqttSettings.pki_dir.
         "EDGELOOP_PKI_DIR": str(mosquitto.pki.root),
     }
     if registry is not None:
