@@ -60,13 +60,15 @@ def _bad() -> None:
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:  # noqa: PLR0911 - unrolled
-    """A long of three or more bytes: the spec's zig-zag varint, at most 10 bytes and 64
+    """A long of two or more bytes: the spec's zig-zag varint, at most 10 bytes and 64
     bits (Java: "Invalid long encoding" beyond). Unrolled: a loop costs half again as much.
     """
     b = buf[pos]  # IndexError anywhere: truncated, explained by the walker
     r = b & 127
     b = buf[pos + 1]
     r |= (b & 127) << 7
+    if b < 128:
+        return (r >> 1) ^ -(r & 1), pos + 2
     b = buf[pos + 2]
     r |= (b & 127) << 14
     if b < 128:
@@ -103,11 +105,13 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:  # noqa: PLR0911 - unrolle
 
 
 def _varint32(buf: bytes, pos: int) -> tuple[int, int]:
-    """An int of three to five bytes; its value must fit 32 bits (zig-zag)."""
+    """An int of two to five bytes; its value must fit 32 bits (zig-zag)."""
     b = buf[pos]
     r = b & 127
     b = buf[pos + 1]
     r |= (b & 127) << 7
+    if b < 128:
+        return (r >> 1) ^ -(r & 1), pos + 2
     b = buf[pos + 2]
     r |= (b & 127) << 14
     if b < 128:
@@ -162,40 +166,46 @@ class _Compiler:
 
     # ---- types ---------------------------------------------------------------------
 
-    def long(self, dst: str, depth: int, *, is_int: bool = False, wide: bool = False) -> None:
+    def long(
+        self, dst: str, depth: int, *, is_int: bool = False, wide: bool = False, first: bool = False
+    ) -> None:
         """A zig-zag varint into `dst`. One or two bytes are read inline; an 8-byte long
-        (a timestamp, `wide`) is unpacked in one call when its continuation bits say so."""
-        self.emit(depth, "b = buf[pos]")
-        self.emit(depth, "if b < 128:")
-        self.emit(depth + 1, f"{dst} = (b >> 1) ^ -(b & 1)")
-        self.emit(depth + 1, "pos += 1")
-        self.emit(depth, "elif buf[pos + 1] < 128:")
-        self.emit(depth + 1, "b = (b & 127) | (buf[pos + 1] << 7)")
-        self.emit(depth + 1, f"{dst} = (b >> 1) ^ -(b & 1)")
-        self.emit(depth + 1, "pos += 2")
-        if wide:
-            # Bytes 0-6 continue, byte 7 ends: gather the 7-bit groups in three steps.
-            self.emit(
-                depth,
-                "elif pos + 8 <= end and (b := _u64(buf, pos)[0]) & "
-                "0x8080808080808080 == 0x0080808080808080:",
-            )
-            d = depth + 1
-            self.emit(d, "b ^= 0x0080808080808080")
-            self.emit(d, "b = (b & 0x007F007F007F007F) | ((b & 0x7F007F007F007F00) >> 1)")
-            self.emit(d, "b = (b & 0x00003FFF00003FFF) | ((b & 0x3FFF00003FFF0000) >> 2)")
-            self.emit(d, "b = (b & 0x0FFFFFFF) | ((b & 0x0FFFFFFF00000000) >> 4)")
-            self.emit(d, f"{dst} = (b >> 1) ^ -(b & 1)")
-            self.emit(d, "pos += 8")
-        self.emit(depth, "else:")
-        self.emit(depth + 1, f"{dst}, pos = {'_varint32' if is_int else '_varint'}(buf, pos)")
+        (`wide`: a timestamp, an id) is unpacked in one call when its continuation bits say
+        so, and tried `first` where 8 bytes are the rule (timestamps of this century)."""
+        eight = [
+            "pos + 8 <= end and (b := _u64(buf, pos)[0]) & _HIGH == 0x0080808080808080:",
+            # Gather the 7-bit groups (the masks drop the continuation bits) in three steps.
+            "    b = (b & 0x007F007F007F007F) | ((b & 0x7F007F007F007F00) >> 1)",
+            "    b = (b & 0x00003FFF00003FFF) | ((b & 0x3FFF00003FFF0000) >> 2)",
+            "    b = (b & 0x0FFFFFFF) | ((b & 0x0FFFFFFF00000000) >> 4)",
+            f"    {dst} = (b >> 1) ^ -(b & 1)",
+            "    pos += 8",
+        ]
+        short = [
+            "(b := buf[pos]) < 128:",
+            f"    {dst} = (b >> 1) ^ -(b & 1)",
+            "    pos += 1",
+            "elif (c := buf[pos + 1]) < 128:",
+            "    b = (b & 127) | (c << 7)",
+            f"    {dst} = (b >> 1) ^ -(b & 1)",
+            "    pos += 2",
+        ]
+        if wide and first:
+            lines = ["if " + eight[0], *eight[1:], "elif " + short[0], *short[1:]]
+        elif wide:
+            lines = ["if " + short[0], *short[1:], "elif " + eight[0], *eight[1:]]
+        else:
+            lines = ["if " + short[0], *short[1:]]
+        lines += ["else:", f"    {dst}, pos = {'_varint32' if is_int else '_varint'}(buf, pos)"]
+        for line in lines:
+            self.emit(depth, line)
 
     def value(self, node: Any, dst: str, depth: int, stack: tuple[int, ...]) -> None:
         logical = node.get("logicalType") if isinstance(node, dict) else None
         node = self.names.resolve(node)
         if isinstance(node, str):
             if node == "long" and logical in TIMESTAMP_UNITS:
-                self.long(dst, depth, wide=True)
+                self.long(dst, depth, wide=True, first=True)
                 lo, hi = timestamp_window(self.limits, TIMESTAMP_UNITS[logical])
                 self.emit(depth, f"if not {lo} <= {dst} <= {hi}:")
                 self.emit(depth + 1, "_bad()")
@@ -224,10 +234,17 @@ class _Compiler:
             self.emit(depth, f"{dst} = {unpack}(buf, pos)[0]")
             self.emit(depth, f"pos += {size}")
         else:  # bytes, string: a length, never negative, within the buffer
-            self.long("e", depth)
-            self.emit(depth, "e += pos")
-            self.emit(depth, "if not pos <= e <= end:")
-            self.emit(depth + 1, "_bad()")
+            # One length byte (< 64) is the rule: its zig-zag sign bit must be clear.
+            self.emit(depth, "if (b := buf[pos]) < 128:")
+            self.emit(depth + 1, "pos += 1")
+            self.emit(depth + 1, "e = pos + (b >> 1)")
+            self.emit(depth + 1, "if b & 1 or e > end:")
+            self.emit(depth + 2, "_bad()")
+            self.emit(depth, "else:")
+            self.emit(depth + 1, "e, pos = _varint(buf, pos)")
+            self.emit(depth + 1, "e += pos")
+            self.emit(depth + 1, "if not pos <= e <= end:")
+            self.emit(depth + 2, "_bad()")
             # bytes.decode is strict UTF-8 (no surrogates, no overlong forms), as the spec
             # asks of strings; UnicodeDecodeError goes to the walker like any violation.
             self.emit(depth, f"{dst} = buf[pos:e]" + (".decode()" if kind == "string" else ""))
@@ -373,6 +390,7 @@ class _Compiler:
             "_varint": _varint,
             "_varint32": _varint32,
             "_u64": struct.Struct("<Q").unpack_from,
+            "_HIGH": 0x8080808080808080,  # the continuation bits of 8 bytes
             "_unpack_from": struct.unpack_from,
             "_explain": self._explain,
             **self.consts,
