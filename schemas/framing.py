@@ -24,7 +24,7 @@ from fastavro.validation import ValidationError, validate
 from edgeloop.core.errors import DecodeError, EncodeError
 from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.catalog import EventSchema
-from edgeloop.schemas.strict_reader import compile_reader
+from edgeloop.schemas.strict_reader import cached_reader
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 SINGLE_OBJECT_HEADER = 10
@@ -42,7 +42,7 @@ class _Entry:
     def __init__(self, schema: EventSchema, limits: DecodeLimits, schema_id: int = 0) -> None:
         self.schema = schema
         self.schema_id = schema_id
-        self.read = compile_reader(schema.schema, limits)
+        self.read = cached_reader(schema.text, limits)
 
 
 def _encode_body(buf: io.BytesIO, schema: EventSchema, record: Record) -> None:

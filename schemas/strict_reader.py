@@ -33,6 +33,8 @@ constants in the function's globals, never as code.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -173,29 +175,31 @@ class _Compiler:
         (`wide`: a timestamp, an id) is unpacked in one call when its continuation bits say
         so, and tried `first` where 8 bytes are the rule (timestamps of this century)."""
         eight = [
-            "pos + 8 <= end and (b := _u64(buf, pos)[0]) & _HIGH == 0x0080808080808080:",
-            # Gather the 7-bit groups (the masks drop the continuation bits) in three steps.
+            # 8 bytes left, bytes 0-6 continue and byte 7 ends the varint ...
+            "pos <= last and (b := _u64(buf, pos)[0]) & 0x8080808080808080 == 0x0080808080808080:",
+            # ... gather the 7-bit groups (the masks drop the continuation bits).
             "    b = (b & 0x007F007F007F007F) | ((b & 0x7F007F007F007F00) >> 1)",
             "    b = (b & 0x00003FFF00003FFF) | ((b & 0x3FFF00003FFF0000) >> 2)",
             "    b = (b & 0x0FFFFFFF) | ((b & 0x0FFFFFFF00000000) >> 4)",
             f"    {dst} = (b >> 1) ^ -(b & 1)",
             "    pos += 8",
         ]
-        short = [
-            "(b := buf[pos]) < 128:",
-            f"    {dst} = (b >> 1) ^ -(b & 1)",
-            "    pos += 1",
-            "elif (c := buf[pos + 1]) < 128:",
+        one = ["(b := buf[pos]) < 128:", f"    {dst} = (b >> 1) ^ -(b & 1)", "    pos += 1"]
+        two = [
+            "(c := buf[pos + 1]) < 128:",
             "    b = (b & 127) | (c << 7)",
             f"    {dst} = (b >> 1) ^ -(b & 1)",
             "    pos += 2",
         ]
+        # Cheapest first for the values each field usually holds.
         if wide and first:
-            lines = ["if " + eight[0], *eight[1:], "elif " + short[0], *short[1:]]
+            lines = ["if " + eight[0], *eight[1:], "elif " + one[0], *one[1:]]
+            lines += ["elif " + two[0], *two[1:]]
         elif wide:
-            lines = ["if " + short[0], *short[1:], "elif " + eight[0], *eight[1:]]
+            lines = ["if " + one[0], *one[1:], "elif " + eight[0], *eight[1:]]
+            lines += ["elif " + two[0], *two[1:]]
         else:
-            lines = ["if " + short[0], *short[1:]]
+            lines = ["if " + one[0], *one[1:], "elif " + two[0], *two[1:]]
         lines += ["else:", f"    {dst}, pos = {'_varint32' if is_int else '_varint'}(buf, pos)"]
         for line in lines:
             self.emit(depth, line)
@@ -366,6 +370,7 @@ class _Compiler:
         self.emit(0, "def read(buf, start):")
         self.emit(1, "pos = start")
         self.emit(1, "end = len(buf)")
+        self.emit(1, "last = end - 8  # the last offset an 8-byte read may start at")
         self.emit(1, "items = 0")
         self.emit(1, "try:")
         self.record(self.schema, "r", 2, ())
@@ -380,6 +385,7 @@ class _Compiler:
             helper, node = self.pending.pop()
             self.lines = []
             self.emit(0, f"def {helper}(buf, pos, end, items):")
+            self.emit(1, "last = end - 8")
             self.record_body(node, "r", 1, (id(node),))
             self.emit(1, "return r, pos, items")
             helpers += self.lines
@@ -390,7 +396,6 @@ class _Compiler:
             "_varint": _varint,
             "_varint32": _varint32,
             "_u64": struct.Struct("<Q").unpack_from,
-            "_HIGH": 0x8080808080808080,  # the continuation bits of 8 bytes
             "_unpack_from": struct.unpack_from,
             "_explain": self._explain,
             **self.consts,
@@ -427,3 +432,13 @@ def compile_reader(schema: dict[str, Any], limits: DecodeLimits) -> Reader:
             item budget or a timestamp outside the window; `path` names the field.
     """
     return _Compiler(schema, limits).build()
+
+
+@functools.lru_cache(maxsize=256)
+def cached_reader(schema_text: str, limits: DecodeLimits) -> Reader:
+    """`compile_reader` for a schema given as JSON text, memoized (bounded).
+
+    Compiling takes a few milliseconds; codecs built per call (in tests and tools) and
+    codecs for the same schema in several services share one reader.
+    """
+    return compile_reader(json.loads(schema_text), limits)
