@@ -10,8 +10,10 @@ import json
 from typing import Any
 
 import pytest
+from fastavro.schema import to_parsing_canonical_form
 
 from edgeloop.core.errors import RegistryError
+from edgeloop.schemas import catalog
 from edgeloop.schemas.registry import api, compat
 from edgeloop.schemas.registry.registry import Registry, parse_request
 from edgeloop.schemas.registry.state import config_key, encode, schema_key, schema_value
@@ -111,6 +113,8 @@ def test_canonical_text_is_a_fixed_point() -> None:
             for normalize in (False, True):
                 once = text(doc, normalize=normalize)
                 assert compat.parse(once, normalize=normalize).text == once
+                pcf = to_parsing_canonical_form(doc)
+                assert to_parsing_canonical_form(json.loads(once)) == pcf
 
 
 def test_normalize_also_ignores_property_order_and_name_qualification() -> None:
@@ -193,3 +197,15 @@ async def test_a_level_set_while_soft_deleted_goes_with_the_permanent_delete(
     # A level on another subject is untouched.
     log.state.apply(encode(config_key("t")), encode({"compatibilityLevel": "NONE"}))
     assert log.state.configs["t"] == "NONE"
+
+
+@pytest.mark.parametrize("name", sorted(catalog.catalog()), ids=lambda n: n.rsplit(".", 1)[-1])
+def test_the_canonical_string_is_the_same_schema(name: str) -> None:
+    # Rewriting must never change what the schema means: same Parsing Canonical Form
+    # (hence the same single-object fingerprint), and every doc and default kept.
+    shipped = catalog.get(name)
+    for normalize in (False, True):
+        rewritten = compat.parse(shipped.text, normalize=normalize).text
+        assert to_parsing_canonical_form(json.loads(rewritten)) == shipped.canonical
+        assert rewritten.count('"doc"') == shipped.text.count('"doc"')
+        assert rewritten.count('"default"') == shipped.text.count('"default"')
