@@ -129,6 +129,17 @@ def _varint32(buf: bytes, pos: int) -> tuple[int, int]:
     return (r >> 1) ^ -(r & 1), pos + 5
 
 
+def _pick(buf: bytes, pos: int, values: tuple[Any, ...]) -> tuple[Any, int]:
+    """`values[index]` for an index the one-byte table does not hold: a varint of two
+    or more bytes in range; a one-byte index that reaches here is invalid."""
+    if buf[pos] < 128:
+        raise _Invalid
+    index, pos = _varint(buf, pos)
+    if not 0 <= index < len(values):
+        raise _Invalid
+    return values[index], pos
+
+
 def _choices(values: list[Any]) -> tuple[Any, ...]:
     """Enum symbol / union branch by the raw byte of a one-byte index; None where the
     byte is not a valid index (a negative zig-zag value, or out of range)."""
@@ -254,24 +265,19 @@ class _Compiler:
             self.emit(depth, f"{dst} = buf[pos:e]" + (".decode()" if kind == "string" else ""))
             self.emit(depth, "pos = e")
 
-    def indexed(self, count: int, table: str, dst: str, depth: int) -> None:
-        """An enum index or union branch: one byte through a table of valid choices."""
-        if count > 64:  # indices beyond 63 take two bytes: read the varint, check range
-            self.long(dst, depth)
-            self.emit(depth, f"if not 0 <= {dst} < {count}:")
-            self.emit(depth + 1, "_bad()")
-            self.emit(depth, f"{dst} = {table}[{dst}]")
-            return
-        self.emit(depth, f"{dst} = {table}[buf[pos]]")
-        self.emit(depth, f"if {dst} is None:")
-        self.emit(depth + 1, "_bad()")
-        self.emit(depth, "pos += 1")
+    def indexed(self, values: tuple[Any, ...], dst: str, depth: int) -> None:
+        """An enum symbol or union branch: the common one-byte index through a table of
+        valid choices; anything else (a longer varint, which Java and fastavro accept
+        for small values too, or an invalid index) through `_pick`."""
+        table = self.const(_choices(list(values)))
+        self.emit(depth, f"if ({dst} := {table}[buf[pos]]) is None:")
+        self.emit(depth + 1, f"{dst}, pos = _pick(buf, pos, {self.const(values)})")
+        self.emit(depth, "else:")
+        self.emit(depth + 1, "pos += 1")
 
     def union(self, branches: list[Any], dst: str, depth: int, stack: tuple[int, ...]) -> None:
         index = self.var("u")
-        numbers = list(range(len(branches)))
-        table = self.const(_choices(numbers) if len(branches) <= 64 else tuple(numbers))
-        self.indexed(len(branches), table, index, depth)
+        self.indexed(tuple(range(len(branches))), index, depth)
         for i, branch in enumerate(branches):
             self.emit(depth, f"{'if' if i == 0 else 'elif'} {index} == {i}:")
             self.value(branch, dst, depth + 1, stack)
@@ -283,9 +289,7 @@ class _Compiler:
         if kind in ("record", "error"):
             self.record(node, dst, depth, stack)
         elif kind == "enum":
-            symbols = list(node["symbols"])
-            table = self.const(_choices(symbols) if len(symbols) <= 64 else tuple(symbols))
-            self.indexed(len(symbols), table, dst, depth)
+            self.indexed(tuple(node["symbols"]), dst, depth)
         elif kind == "fixed":
             size = int(node["size"])
             self.emit(depth, f"if pos + {size} > end:")
@@ -395,6 +399,7 @@ class _Compiler:
             "_bad": _bad,
             "_varint": _varint,
             "_varint32": _varint32,
+            "_pick": _pick,
             "_u64": struct.Struct("<Q").unpack_from,
             "_unpack_from": struct.unpack_from,
             "_explain": self._explain,

@@ -319,3 +319,28 @@ def test_mutated_events_are_decoded_as_fastavro_or_rejected_with_a_named_reason(
         assert stream.tell() == len(data) - 10
     assert "undecodable" not in reasons
     assert reasons["accepted"] and reasons["bad_enum_index"] and reasons["truncated"]
+
+
+@pytest.mark.parametrize(
+    ("types", "body", "value"),
+    [
+        ((ENUM,), b"\x82\x00", "A"),  # index 1 in two bytes
+        ((ENUM,), b"\x86\x80\x00", "C"),  # index 3 in three bytes
+        ((["null", "int"],), b"\x82\x00" + zigzag(5), 5),  # branch 1 in two bytes
+    ],
+)
+def test_indices_in_longer_varints_read_as_java_and_fastavro_read_them(
+    types: tuple[Any, ...], body: bytes, value: Any
+) -> None:
+    # Not minimal, but not forbidden: Java's BinaryDecoder and fastavro accept them.
+    schema = schema_of(*types)
+    assert fastavro_reads(schema, body)
+    assert decode_body(schema, body) == {"f0": value}
+
+
+def test_an_enum_of_more_than_64_symbols_uses_two_byte_indices() -> None:
+    schema = schema_of({"type": "enum", "name": "Big", "symbols": [f"S{i}" for i in range(100)]})
+    assert decode_body(schema, zigzag(99)) == {"f0": "S99"}
+    with pytest.raises(DecodeError) as err:
+        decode_body(schema, zigzag(100))
+    assert err.value.reason == "bad_enum_index"
