@@ -19,14 +19,15 @@ invalid UTF-8, truncation, unbounded collections (an item budget per message, ch
 before anything is built) and trailing bytes, and timestamps outside a declared window
 (see `DecodeLimits`). Every rejection is a `DecodeError` with a `reason` (the
 dead-letter reason) and the field path. It builds the same values fastavro does
-(logical types off: timestamps stay int microseconds), and on the shipped events it is
-faster than fastavro (the framing benchmark measures both in the same run): a schema's
-reader is specialised code with no per-field dispatch, and float arrays unpack in one
-call.
+(logical types off: timestamps stay int microseconds) at about fastavro's cost (the
+framing benchmark measures both in the same run): a schema's reader is specialised code
+with no per-field dispatch, records are dict literals and float arrays unpack in one
+call, which pays for the checks; a long varint costs more in Python than in C, so
+records made mostly of 8-byte longs are the slowest relative to fastavro.
 
-Code generation, not interpretation, is what makes the checks free: every check is one
+Code generation, not interpretation, is what makes the checks cheap: every check is one
 comparison inlined next to the read it guards. The generated source is built only from
-the schema's structure; names, symbols and paths enter it as `repr` literals or as
+the schema's structure; field names enter it as `repr` literals, symbols and tables as
 constants in the function's globals, never as code.
 """
 
