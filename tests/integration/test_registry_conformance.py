@@ -69,17 +69,28 @@ async def test_a_reordered_schema_through_confluent_kafkas_client(
 
     a = subject("a")
 
-    def exercise(url: str) -> tuple[int, tuple[int, int], int]:
+    b = subject("b")
+    props = json.dumps(
+        {"type": "record", "name": "B", "namespace": "t", "fields": [], "p": 1, "q": 2}
+    )
+    swapped = json.dumps({"type": "record", "name": "t.B", "fields": [], "q": 2, "p": 1})
+
+    def exercise(url: str) -> tuple[int, tuple[int, int], int, int, int]:
         client = SchemaRegistryClient({"url": url})
         first = client.register_schema(a, Schema(A, "AVRO"))
         found = client.lookup_schema(a, Schema(A_REORDERED, "AVRO"))
         # A fresh client: nothing answered from its cache.
         again = SchemaRegistryClient({"url": url}).register_schema(a, Schema(A_REORDERED, "AVRO"))
-        return first, (found.schema_id, found.version), again
+        # normalize_schemas=True sends normalize=true on register and lookup.
+        normalized = client.register_schema(b, Schema(props, "AVRO"), normalize_schemas=True)
+        fresh = SchemaRegistryClient({"url": url})
+        same = fresh.lookup_schema(b, Schema(swapped, "AVRO"), normalize_schemas=True).schema_id
+        return first, (found.schema_id, found.version), again, normalized, same
 
-    first, found, again = await asyncio.to_thread(exercise, registry.url)
+    first, found, again, normalized, same = await asyncio.to_thread(exercise, registry.url)
     assert found == (first, 1)
     assert again == first
+    assert same == normalized
 
 
 async def test_deleting_a_subject_deletes_its_level_over_http(
