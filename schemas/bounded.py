@@ -1,11 +1,11 @@
-"""Walks an Avro binary body against its schema without building values.
+"""Walks an Avro binary body against its schema without building values: the explainer.
 
-fastavro decodes fast, but trusts the body: a 5-byte body can claim 10^8 items of a
-zero-size type (null, an empty record) and fastavro builds that list (800 MB, seconds).
-It also reports errors without saying where. This walker checks every length, count and
-index against the bytes that are really there and against a total item budget, and on
-failure names the field path. The codecs run it before fastavro only for schemas that
-can hold zero-size items (see `needs_prescan`), and after a fastavro failure to explain it.
+The strict readers (`strict_reader`) only detect that a body is invalid; this walker then
+re-reads it and names the reason and the field path (`InferenceEvent.latency.decision_us:
+truncated: a varint needs 1 bytes, 0 left`). It checks every length, count and index
+against the bytes that are really there and against a total item budget, and every value
+rule the readers enforce, so both agree on what is invalid. `min_size` also serves the
+readers: the fewest bytes an item can take bounds what a claimed count may be.
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ _FIXED_SIZE = {"null": 0, "boolean": 1, "float": 4, "double": 8}
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
 _MAX_DEPTH = 64
 _COMPLEX = {"record", "error", "enum", "fixed", "array", "map"}
+# 9999-12-31T23:59:59.999999Z in microseconds since the epoch: Python's datetime.max.
+MAX_TIMESTAMP_US = 253_402_300_799_999_999
+# Logical types on `long` whose values are instants, by their unit in microseconds.
+TIMESTAMP_UNITS = {
+    "timestamp-micros": 1,
+    "local-timestamp-micros": 1,
+    "timestamp-millis": 1000,
+    "local-timestamp-millis": 1000,
+}
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,20 @@ class DecodeLimits:
     max_message_bytes: int = 1 << 20
     # Across all arrays and maps of one message: bounds the memory a body can make us use.
     max_collection_items: int = 100_000
+    # The window for timestamp-micros/-millis values (inclusive, microseconds since the
+    # epoch, UTC). Default: 1970-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999Z. The top
+    # is what every consumer can represent (Python's datetime, hence fastavro and
+    # confluent-kafka's AvroDeserializer with logical types, ends at year 9999); the
+    # bottom is the epoch because no edgeloop event predates it, and a negative value is
+    # a device clock that was never set or a corrupt field. Deployments may narrow it.
+    min_timestamp_us: int = 0
+    max_timestamp_us: int = MAX_TIMESTAMP_US
+
+
+def timestamp_window(limits: DecodeLimits, per_unit_us: int) -> tuple[int, int]:
+    """The accepted window in a field's own unit (1: micros, 1000: millis), inclusive;
+    millisecond bounds round inwards."""
+    return -(-limits.min_timestamp_us // per_unit_us), limits.max_timestamp_us // per_unit_us
 
 
 class _Names:
@@ -94,30 +117,6 @@ def min_size(schema: Any, names: _Names | None = None, _seen: frozenset[str] = f
     return 1  # enum index, array/map end marker
 
 
-def needs_prescan(schema: Any) -> bool:
-    """True when some array of `schema` can hold items that encode to zero bytes."""
-    names = _Names(schema)
-
-    def visit(node: Any, seen: frozenset[int]) -> bool:
-        node = names.resolve(node)
-        if id(node) in seen or isinstance(node, str):
-            return False
-        seen = seen | {id(node)}
-        if isinstance(node, list):
-            children = node
-        elif node["type"] == "array":
-            if min_size(node["items"], names) == 0:
-                return True
-            children = [node["items"]]
-        elif node["type"] == "map":
-            children = [node["values"]]
-        else:
-            children = [f["type"] for f in node.get("fields", ())]
-        return any(visit(child, seen) for child in children)
-
-    return visit(schema, frozenset())
-
-
 class BodyWalker:
     """Checks one encoded body; raises DecodeError naming the schema and field path."""
 
@@ -147,25 +146,31 @@ class BodyWalker:
         if n > left:
             self._fail(f"truncated: {what} needs {n} bytes, {left} left", "truncated", path)
 
-    def _long(self, path: str) -> int:
-        shift = 0
+    def _long(self, path: str, kind: str = "long") -> int:
+        # Spec, "Binary Encoding": int and long are zig-zag varints of 32 and 64 bits;
+        # Java rejects more than 5 / 10 bytes ("Invalid int/long encoding").
+        limit, bits = (5, 32) if kind == "int" else (10, 64)
         result = 0
-        while True:
+        for i in range(limit):
             self._need(1, path, "a varint")
             b = self._buf[self._pos]
             self._pos += 1
-            result |= (b & 0x7F) << shift
+            result |= (b & 0x7F) << (7 * i)
             if not b & 0x80:
+                if result >> bits:
+                    self._fail(f"varint does not fit a {bits}-bit {kind}", f"bad_{kind}", path)
                 return (result >> 1) ^ -(result & 1)
-            shift += 7
-            if shift > 63:
-                self._fail("varint longer than 10 bytes", "bad_varint", path)
+        self._fail(f"varint longer than {limit} bytes", "bad_varint", path)
+        raise AssertionError  # unreachable: _fail raises
 
     def _walk(self, schema: Any, path: str, depth: int) -> None:
         if depth > _MAX_DEPTH:
             self._fail(f"nesting deeper than {_MAX_DEPTH}", "too_deep", path)
+        logical = schema.get("logicalType") if isinstance(schema, dict) else None
         node = self.names.resolve(schema)
-        if isinstance(node, str):
+        if node == "long" and logical in TIMESTAMP_UNITS:
+            self._timestamp(path, TIMESTAMP_UNITS[logical])
+        elif isinstance(node, str):
             self._primitive(node, path)
         elif isinstance(node, list):
             index = self._long(path)
@@ -177,6 +182,17 @@ class BodyWalker:
         else:
             self._complex(node, path, depth)
 
+    def _timestamp(self, path: str, per_unit_us: int) -> None:
+        value = self._long(path)
+        lo, hi = timestamp_window(self.limits, per_unit_us)
+        if not lo <= value <= hi:
+            unit = "us" if per_unit_us == 1 else "ms"
+            self._fail(
+                f"timestamp {value} {unit} is outside the accepted window [{lo}, {hi}] {unit}",
+                "bad_timestamp",
+                path,
+            )
+
     def _primitive(self, kind: str, path: str) -> None:
         if kind in _FIXED_SIZE:
             self._need(_FIXED_SIZE[kind], path, kind)
@@ -186,9 +202,7 @@ class BodyWalker:
                 )
             self._pos += _FIXED_SIZE[kind]
         elif kind in ("int", "long"):
-            value = self._long(path)
-            if kind == "int" and not -(2**31) <= value < 2**31:
-                self._fail(f"int {value} out of 32-bit range", "bad_int", path)
+            self._long(path, kind)
         else:  # bytes, string
             size = self._long(path)
             if size < 0:
@@ -230,11 +244,13 @@ class BodyWalker:
             count = self._long(path)
             if count == 0:
                 return
+            block_end = -1
             if count < 0:  # a negative count is followed by the block's size in bytes
                 count = -count
                 size = self._long(path)
                 if size < 0:
                     self._fail(f"negative block size {size}", "bad_length", path)
+                block_end = self._pos + size
             self._items += count
             if self._items > self.limits.max_collection_items:
                 self._fail(
@@ -257,3 +273,11 @@ class BodyWalker:
                     self._primitive("string", f"{item_path}.<key>")
                 self._walk(item, item_path, depth + 1)
                 index += 1
+            if block_end >= 0 and self._pos != block_end:
+                # Readers that skip a block by its size would land elsewhere: misread.
+                self._fail(
+                    f"block size says the block ends at byte {block_end}, "
+                    f"its items end at {self._pos}",
+                    "bad_block_size",
+                    path,
+                )

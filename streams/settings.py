@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from edgeloop.core.settings import _Base
+from edgeloop.schemas.bounded import DecodeLimits
 
 
 class BridgeSettings(_Base):
@@ -27,6 +28,9 @@ class BridgeSettings(_Base):
     # It is the bridge's in-flight window, so it bounds both memory and duplicates.
     receive_maximum: int = Field(1000, ge=1, le=65535)
     max_message_bytes: int = Field(256 * 1024, ge=64)
+    # Timestamps outside this window are dead-lettered `bad_timestamp` (see DecodeLimits).
+    min_timestamp_us: int = DecodeLimits.min_timestamp_us
+    max_timestamp_us: int = DecodeLimits.max_timestamp_us
     validation: Literal["full", "header"] = "full"
     # native: the asyncio MQTT 5 receive path (fast); paho: paho-mqtt on its own thread.
     intake: Literal["native", "paho"] = "native"

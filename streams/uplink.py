@@ -78,7 +78,12 @@ class Uplink:
         self.ids = SchemaIds(registry, metrics)
         self.registry = registry
         self.codec = SingleObjectCodec(
-            catalog.catalog().values(), DecodeLimits(max_message_bytes=settings.max_message_bytes)
+            catalog.catalog().values(),
+            DecodeLimits(
+                max_message_bytes=settings.max_message_bytes,
+                min_timestamp_us=settings.min_timestamp_us,
+                max_timestamp_us=settings.max_timestamp_us,
+            ),
         )
         self.dlq_codec = ConfluentCodec()
         self.dead_letter = catalog.get("DeadLetter")

@@ -53,7 +53,8 @@ class _Lru(Generic[K, V]):
 
 
 def schema_text(schema: str | dict[str, Any]) -> str:
-    """The compact JSON form of a schema: what the registry stores and compares."""
+    """The compact JSON form of a schema: what the client sends and caches by (the
+    registry itself identifies schemas by Confluent's canonical string, see canonical.py)."""
     doc = json.loads(schema) if isinstance(schema, str) else schema
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 

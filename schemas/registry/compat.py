@@ -8,6 +8,7 @@ with the latest live version only, the `_TRANSITIVE` forms with every live versi
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from avro.compatibility import (
 )
 
 from edgeloop.core.errors import SchemaError
+from edgeloop.schemas.registry import canonical
 
 # avro ships no type annotations; this is the one place its checker is built.
 _new_checker: Callable[[], Any] = ReaderWriterCompatibilityChecker
@@ -58,7 +60,8 @@ DEFAULT_LEVEL = CompatibilityLevel.BACKWARD
 
 @dataclass(frozen=True)
 class AvroSchema:
-    """A validated schema: `text` is the compact JSON that identifies it (and is stored)."""
+    """A validated schema: `text` is its canonical string, which identifies it (and is
+    stored); `parsed` has its aliases qualified for the checker (see `canonical`)."""
 
     text: str
     parsed: avro.schema.Schema
@@ -69,24 +72,56 @@ class AvroSchema:
         return str(fullname) if fullname else str(self.parsed.type)
 
 
-def parse(text: str) -> AvroSchema:
+def parse(text: str, *, normalize: bool = False) -> AvroSchema:
     """Validate `text` as an Avro schema; SchemaError names what is wrong.
 
-    Identity is the compact JSON of the document, so whitespace does not make a new
-    schema (Confluent's canonical string does the same), while docs, defaults and field
-    order still do.
+    Args:
+        text: the schema as JSON text.
+        normalize: identify it by Confluent's normalized form (`normalize=true`).
+
+    Returns:
+        The schema with its identity (`canonical.canonical_text`: Confluent's canonical
+        string, so attribute order, whitespace and redundant namespaces do not make a
+        new schema, while docs, defaults and field order do).
+
+    Raises:
+        SchemaError: not JSON, not a valid Avro schema, or a default that does not match
+            its field's type.
     """
     try:
         doc: Any = json.loads(text)
     except (json.JSONDecodeError, TypeError) as exc:
         raise SchemaError(f"schema is not valid JSON: {exc}") from exc
-    compact = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
     try:
-        parsed = avro.schema.parse(compact)
+        parsed = avro.schema.parse(json.dumps(canonical.qualify_aliases(doc)))
+        identity = canonical.canonical_text(doc, normalize=normalize)
     except (avro.errors.AvroException, ValueError, TypeError, KeyError) as exc:
         raise SchemaError(f"invalid Avro schema: {exc}") from exc
     _check_defaults(parsed, set())
-    return AvroSchema(compact, parsed)
+    return AvroSchema(identity, parsed)
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_cached(text: str, normalize: bool = False) -> AvroSchema:
+    """`parse`, for texts read again and again (stored schemas are few and immutable)."""
+    return parse(text, normalize=normalize)
+
+
+def stored_identity(text: str) -> str:
+    """The identity of a schema text read from the `_schemas` log.
+
+    Texts written by this registry are canonical (or normalized) already and stay as they
+    are; records from before identity followed Confluent held compact JSON and are
+    rewritten to the canonical string, so a replay identifies them by the same rules.
+    Deterministic, so every instance applies the log the same way.
+    """
+    try:
+        identity = parse_cached(text).text
+        if text in (identity, parse_cached(text, True).text):
+            return text
+    except SchemaError:
+        return text  # not ours to judge while replaying; kept verbatim
+    return identity
 
 
 def _check_defaults(schema: Any, seen: set[str]) -> None:

@@ -8,7 +8,6 @@ the log voids the proposal because another instance got there first.
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 import uuid
 from dataclasses import dataclass
@@ -38,13 +37,18 @@ MAX_PROPOSALS = 16
 RETRY_JITTER_S = 0.02
 
 
-@functools.lru_cache(maxsize=1024)
-def _parsed(text: str) -> compat.AvroSchema:
-    """Stored schemas are parsed again for every check; the texts are few and immutable."""
-    return compat.parse(text)
+_parsed = compat.parse_cached
 
 
-def parse_request(body: Any) -> compat.AvroSchema:
+def same_schema(stored: str, schema: compat.AvroSchema, *, normalize: bool) -> bool:
+    """Whether a stored version holds `schema` (Confluent: canonical strings are equal;
+    with `normalize=true`, their normalized forms are)."""
+    if stored == schema.text:
+        return True
+    return normalize and _parsed(stored, True).text == schema.text
+
+
+def parse_request(body: Any, *, normalize: bool = False) -> compat.AvroSchema:
     """The `{"schema": ..., "schemaType": ..., "references": [...]}` body of a request."""
     if not isinstance(body, dict) or not isinstance(body.get("schema"), str):
         raise api.invalid_schema('the request body must be a JSON object with a "schema" string')
@@ -54,7 +58,7 @@ def parse_request(body: Any) -> compat.AvroSchema:
     if body.get("references"):
         raise api.invalid_schema("schema references are not supported")
     try:
-        return _parsed(body["schema"])
+        return _parsed(body["schema"], normalize)
     except SchemaError as exc:
         raise api.invalid_schema(str(exc)) from None
 
@@ -117,9 +121,16 @@ class Registry:
             (v for v in found if deleted or not v.deleted), key=lambda v: (v.subject, v.version)
         )
 
-    def lookup(self, subject: str, schema: compat.AvroSchema, *, deleted: bool = False) -> Version:
+    def lookup(
+        self,
+        subject: str,
+        schema: compat.AvroSchema,
+        *,
+        deleted: bool = False,
+        normalize: bool = False,
+    ) -> Version:
         for v in reversed(self.versions(subject, deleted=deleted)):
-            if v.schema == schema.text:
+            if same_schema(v.schema, schema, normalize=normalize):
                 return v
         raise api.schema_not_found()
 
@@ -140,12 +151,14 @@ class Registry:
 
     # ---- writes ---------------------------------------------------------------------
 
-    async def register(self, subject: str, schema: compat.AvroSchema) -> Registered:
+    async def register(
+        self, subject: str, schema: compat.AvroSchema, *, normalize: bool = False
+    ) -> Registered:
         async with self.store.write_lock:
             await self.store.sync()
             for attempt in range(MAX_PROPOSALS):
                 for v in self.state.versions(subject):
-                    if v.schema == schema.text:
+                    if same_schema(v.schema, schema, normalize=normalize):
                         return Registered(v.id, v.version)  # already there: same id
                 problems = self.check(subject, schema)
                 if problems:
@@ -196,13 +209,24 @@ class Registry:
                     encode(delete_subject_key(subject)) or b"",
                     {"subject": subject, "version": live[-1].version},
                 )
+                await self._drop_subject_config(subject)
                 return [v.version for v in live]
             if live:
                 raise api.subject_not_soft_deleted(subject)
             for v in every:
                 await self.store.write(v.key, None)
             await self.store.write(encode(delete_subject_key(subject)) or b"", None)
+            await self._drop_subject_config(subject)
             return [v.version for v in every]
+
+    async def _drop_subject_config(self, subject: str) -> None:
+        # Confluent deletes a subject's compatibility level with the subject (soft delete
+        # already), so a subject created again under that name starts from the global
+        # level. A tombstone on the CONFIG key, not a side effect of DELETE_SUBJECT:
+        # compaction may drop the DELETE_SUBJECT record, never the config's newest one.
+        # Also after a permanent delete, for a level set while the subject was soft-deleted.
+        if subject in self.state.configs:
+            await self.store.write(encode(config_key(subject)) or b"", None)
 
     async def delete_version(self, subject: str, version: int, *, permanent: bool) -> int:
         async with self.store.write_lock:

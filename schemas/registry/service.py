@@ -143,16 +143,21 @@ class Routes:
         )
 
     async def lookup(self, request: web.Request) -> web.Response:
-        schema = parse_request(await body(request))
+        normalize = flag(request, "normalize")
+        schema = parse_request(await body(request), normalize=normalize)
         found = self.r.lookup(
-            request.match_info["subject"], schema, deleted=flag(request, "deleted")
+            request.match_info["subject"],
+            schema,
+            deleted=flag(request, "deleted"),
+            normalize=normalize,
         )
         return reply(version_doc(found))
 
     async def register(self, request: web.Request) -> web.Response:
         subject = request.match_info["subject"]
-        schema = parse_request(await body(request))
-        done = await self.r.register(subject, schema)
+        normalize = flag(request, "normalize")
+        schema = parse_request(await body(request), normalize=normalize)
+        done = await self.r.register(subject, schema, normalize=normalize)
         return reply(
             {"id": done.id, "subject": subject, "version": done.version, "schema": schema.text}
         )
@@ -175,7 +180,7 @@ class Routes:
     async def compat(self, request: web.Request) -> web.Response:
         subject = request.match_info["subject"]
         number = api.parse_version(request.match_info.get("version", "latest"))
-        schema = parse_request(await body(request))
+        schema = parse_request(await body(request), normalize=flag(request, "normalize"))
         if number != api.LATEST:
             self.r.versions(subject)  # 40401 before 40402, as Confluent orders them
         problems = self.r.check(subject, schema, number)

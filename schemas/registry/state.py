@@ -23,6 +23,7 @@ hold it live. Otherwise it is void: it changes nothing and its writer retries.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,9 @@ class RegistryState:
     # because log compaction can make a replaying instance see a lower one.
     max_id: int = 0
     malformed: int = 0
+    # Maps a stored schema text to its identity (the registry passes
+    # `compat.stored_identity`); a pure function, so replays stay deterministic.
+    identity: Callable[[str], str] = field(default=str, repr=False)
 
     # ---- queries -------------------------------------------------------------------
 
@@ -169,7 +173,7 @@ class RegistryState:
         if value.get("deleted"):
             # A soft delete of a version that is gone or held by another key: nothing to do.
             return Outcome(False, proposal, f"no version {version} of {subject!r} to delete")
-        schema_id, schema = int(value["id"]), str(value["schema"])
+        schema_id, schema = int(value["id"]), self.identity(str(value["schema"]))
         reason = self._void_reason(subject, version, schema_id, schema)
         if reason:
             return Outcome(False, proposal, reason)

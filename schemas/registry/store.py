@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 
 from edgeloop.core.errors import RegistryError
 from edgeloop.core.logs import get_logger
-from edgeloop.schemas.registry import api
+from edgeloop.schemas.registry import api, compat
 from edgeloop.schemas.registry.state import Outcome, RegistryState, encode
 
 log = get_logger(__name__)
@@ -40,7 +40,7 @@ class SchemaLog:
         self.bootstrap = bootstrap
         self.topic = topic
         self.timeout_s = timeout_s
-        self.state = RegistryState()
+        self.state = RegistryState(identity=compat.stored_identity)
         self.ready = asyncio.Event()
         # One write at a time per instance: concurrent proposals from one instance would
         # only void each other. Other instances are arbitrated by the log.

@@ -8,7 +8,7 @@ import pytest
 
 from edgeloop.core.errors import DecodeError, EncodeError
 from edgeloop.schemas import catalog
-from edgeloop.schemas.bounded import DecodeLimits, needs_prescan
+from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import (
     ConfluentCodec,
@@ -149,7 +149,6 @@ ZERO_SIZE_ITEMS = EventSchema(
 
 def test_length_bomb_is_rejected_fast_with_little_memory() -> None:
     # A 5-byte body claiming 10^8 null items: fastavro alone builds an 800 MB list.
-    assert needs_prescan(ZERO_SIZE_ITEMS.schema)
     codec = SingleObjectCodec([ZERO_SIZE_ITEMS])
     data = b"\xc3\x01" + ZERO_SIZE_ITEMS.fingerprint + zigzag(1) + zigzag(10**8)
     assert len(data) - 10 <= 6
@@ -184,11 +183,6 @@ def test_claimed_counts_larger_than_the_body_fail_without_building_them(item: st
         tracemalloc.stop()
     assert err.value.path == "A.xs"
     assert peak < 1_000_000
-
-
-def test_shipped_schemas_need_no_prescan() -> None:
-    # Keeps the fast path fast: every shipped array holds items of at least one byte.
-    assert [s.name for s in EVENTS if needs_prescan(s.schema)] == []
 
 
 def test_bad_enum_index_and_union_branch_name_the_field(single: SingleObjectCodec) -> None:
