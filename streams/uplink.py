@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from edgeloop.core.errors import ConfigError, DecodeError, EdgeloopError, RegistryError
 from edgeloop.core.logs import get_logger
@@ -133,6 +134,7 @@ class Uplink:
             enable_idempotence=self.kafka.idempotence,
             linger_ms=s.linger_ms,
             max_batch_size=s.max_batch_bytes,
+            max_request_size=s.max_request_bytes,
             request_timeout_ms=15_000,
             client_id=f"{s.client_id}-uplink",
         )
@@ -307,6 +309,14 @@ class Uplink:
         """Send `r` as a batch of its own (to the partition its key maps to), so that a
         refusal is this record's and not a batch-mate's."""
         try:
+            # send() refuses a record over max_request_size itself; send_batch() does not
+            # check, so the same limit is applied here.
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(r.key, r.value, r.headers)
+            if size > self.settings.max_request_bytes:
+                raise MessageSizeTooLargeError(
+                    f"the record is {size} bytes, over max_request_size "
+                    f"{self.settings.max_request_bytes}"
+                )
             partitions = sorted(await producer.partitions_for(r.topic))
             batch = producer.create_batch()
             batch.append(key=r.key, value=r.value, timestamp=None, headers=r.headers)
