@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -52,6 +52,7 @@ from edgeloop.schemas.topics import (
 from edgeloop.streams.intake import Incoming, MqttIntake
 from edgeloop.streams.metrics import BridgeMetrics
 from edgeloop.streams.native_intake import NativeIntake
+from edgeloop.streams.producers import Producers
 from edgeloop.streams.schema_ids import SchemaIds, UnregisteredSchemaError
 from edgeloop.streams.settings import BridgeSettings
 
@@ -82,6 +83,15 @@ class Routed:
     device_id: str | None = None
 
 
+def _failure(fut: asyncio.Future[object]) -> BaseException | None:
+    """Why a finished delivery failed (None: Kafka has the record). A cancelled one (the
+    producer was stopping) is a transient failure: the record is sent again."""
+    if fut.cancelled():
+        cancelled: BaseException = KafkaConnectionError("delivery cancelled")
+        return cancelled
+    return fut.exception()
+
+
 @dataclass(slots=True)
 class _Sent:
     """One routed slice on its way to Kafka: `futures[i]` is the delivery of `routed[i]`.
@@ -92,6 +102,7 @@ class _Sent:
 
     routed: list[Routed]
     futures: list[asyncio.Future[object]] = field(default_factory=list)
+    generation: int = 0  # of the main producer that sent it
 
 
 class Uplink:
@@ -126,34 +137,39 @@ class Uplink:
         self._held = 0
 
     async def run(self) -> None:
-        s = self.settings
         intake = self._make_intake()
-        producer = AIOKafkaProducer(
+        producers = Producers(
+            self._producer_factory, self._retry, idempotent=self.kafka.idempotence
+        )
+        await producers.start()
+        await self._warm_up(producers.main)
+        # Slices travel from the router to the acknowledger; two in flight keeps both busy.
+        handoff: asyncio.Queue[_Sent] = asyncio.Queue(maxsize=2)
+        try:
+            await intake.start()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._route_loop(intake, producers, handoff))
+                tg.create_task(self._ack_loop(intake, producers, handoff))
+        except asyncio.CancelledError:
+            await self._drain(intake, producers)
+            raise
+        finally:
+            # Acks queued so far leave before DISCONNECT; the rest stays with the session.
+            intake.stop()
+            await producers.stop()
+
+    def _producer_factory(self, idempotent: bool) -> AIOKafkaProducer:
+        s = self.settings
+        return AIOKafkaProducer(
             bootstrap_servers=self.kafka.bootstrap,
             acks="all",
-            enable_idempotence=self.kafka.idempotence,
+            enable_idempotence=idempotent,
             linger_ms=s.linger_ms,
             max_batch_size=s.max_batch_bytes,
             max_request_size=s.max_request_bytes,
             request_timeout_ms=15_000,
             client_id=f"{s.client_id}-uplink",
         )
-        await self._retry("kafka", producer.start)
-        await self._warm_up(producer)
-        # Slices travel from the router to the acknowledger; two in flight keeps both busy.
-        handoff: asyncio.Queue[_Sent] = asyncio.Queue(maxsize=2)
-        try:
-            await intake.start()
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._route_loop(intake, producer, handoff))
-                tg.create_task(self._ack_loop(intake, producer, handoff))
-        except asyncio.CancelledError:
-            await self._drain(intake, producer)
-            raise
-        finally:
-            # Acks queued so far leave before DISCONNECT; the rest stays with the session.
-            intake.stop()
-            await producer.stop()
 
     def _make_intake(self) -> MqttIntake | NativeIntake:
         s = self.settings
@@ -168,7 +184,7 @@ class Uplink:
             maximum_packet_size=s.max_message_bytes + PACKET_OVERHEAD,
         )
 
-    async def _drain(self, intake: MqttIntake | NativeIntake, producer: AIOKafkaProducer) -> None:
+    async def _drain(self, intake: MqttIntake | NativeIntake, producers: Producers) -> None:
         """On a graceful stop: settle and acknowledge what was sent, take nothing new.
 
         Bounded by `drain_timeout_s` (keep it under the runner's shutdown timeout); what
@@ -182,7 +198,7 @@ class Uplink:
             async with asyncio.timeout(self.settings.drain_timeout_s):
                 while self._unsettled:
                     sent = self._unsettled[0]
-                    await self._settle(producer, sent)
+                    await self._settle(producers, sent)
                     settled += self._acknowledge(intake, sent)
                     self._unsettled.popleft()
         except TimeoutError:
@@ -207,7 +223,7 @@ class Uplink:
     async def _route_loop(
         self,
         intake: MqttIntake | NativeIntake,
-        producer: AIOKafkaProducer,
+        producers: Producers,
         handoff: asyncio.Queue[_Sent],
     ) -> None:
         while True:
@@ -220,18 +236,19 @@ class Uplink:
             # Registered before the first send: a stop in the middle still settles the
             # records that went out (and only those) before disconnecting.
             self._unsettled.append(sent)
-            await self._send(producer, sent.routed, sent.futures)
+            sent.generation = producers.generation
+            await self._send(producers.main, sent.routed, sent.futures)
             await handoff.put(sent)
 
     async def _ack_loop(
         self,
         intake: MqttIntake | NativeIntake,
-        producer: AIOKafkaProducer,
+        producers: Producers,
         handoff: asyncio.Queue[_Sent],
     ) -> None:
         while True:
             sent = await handoff.get()
-            await self._settle(producer, sent)
+            await self._settle(producers, sent)
             self._acknowledge(intake, sent)
             self._unsettled.popleft()
             self.metrics.in_flight.set(self._held + intake.depth)
@@ -267,7 +284,7 @@ class Uplink:
                 fut.set_exception(exc)
             futures.append(fut)
 
-    async def _settle(self, producer: AIOKafkaProducer, sent: _Sent) -> None:
+    async def _settle(self, producers: Producers, sent: _Sent) -> None:
         """Wait until Kafka has every sent record of `sent` (or its dead letter).
 
         Transient failures re-send the failed records, in order, with backoff. A
@@ -275,16 +292,22 @@ class Uplink:
         a good record can share a bad one's error), dead-lettering the ones Kafka refuses
         on their own. `sent` is updated in place, so settling again (after a stop
         interrupted this) neither loses nor repeats a record.
+
+        An idempotent producer cannot go on after a refused batch: aiokafka keeps the
+        refused batch's sequence numbers, so every later batch to that partition fails
+        with OutOfOrderSequenceNumber. The producer that sent `sent` is therefore
+        replaced first, and the single-record probes go through a separate producer
+        without idempotence, so a probe that is refused poisons nothing.
         """
         attempt = 0
         while True:
             waiting = [f for f in sent.futures if not f.done()]
             if waiting:
                 await asyncio.wait(waiting)
-            failed = [i for i, f in enumerate(sent.futures) if f.exception() is not None]
+            failed = [i for i, f in enumerate(sent.futures) if _failure(f) is not None]
             if not failed:
                 return
-            errors = [sent.futures[i].exception() for i in failed]
+            errors = [_failure(sent.futures[i]) for i in failed]
             if all(e is not None and is_retriable(e) for e in errors):
                 delay = self._backoff.delay(attempt)
                 attempt += 1
@@ -295,10 +318,11 @@ class Uplink:
                 )
                 await asyncio.sleep(delay)
                 for i in failed:
-                    sent.futures[i] = await self._resend(producer, sent.routed[i])
+                    sent.futures[i] = await self._resend(producers.main, sent.routed[i])
                 continue
+            await producers.renew_after_refusal(sent.generation)
             for i in failed:
-                await self._deliver_alone(producer, sent, i)
+                await self._deliver_alone(producers.probe, sent, i)
 
     async def _resend(self, producer: AIOKafkaProducer, r: Routed) -> asyncio.Future[object]:
         futures: list[asyncio.Future[object]] = []
@@ -334,11 +358,11 @@ class Uplink:
         """Send record `i` by itself until Kafka has it or its dead letter."""
         if not sent.futures[i].done():  # still in flight (a stop interrupted settling)
             await asyncio.wait([sent.futures[i]])
-        if sent.futures[i].exception() is None:
+        if _failure(sent.futures[i]) is None:
             return
         attempt = 0
         sent.futures[i] = await self._send_alone(producer, sent.routed[i])
-        while (exc := sent.futures[i].exception()) is not None:
+        while (exc := _failure(sent.futures[i])) is not None:
             r = sent.routed[i]
             detail = f"Kafka refused the record for {r.topic}: {exc!r}"
             if is_retriable(exc):
