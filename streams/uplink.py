@@ -317,6 +317,7 @@ class Uplink:
                     extra={"error": repr(errors[0]), "pending": len(failed), "delay_s": delay},
                 )
                 await asyncio.sleep(delay)
+                sent.generation = producers.generation  # the producer these go out on
                 for i in failed:
                     sent.futures[i] = await self._resend(producers.main, sent.routed[i])
                 continue
