@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
-import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -36,11 +34,11 @@ from edgeloop.core.errors import DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
 from edgeloop.core.retry import Backoff, retry
 from edgeloop.core.settings import KafkaSettings, MqttSettings
-from edgeloop.schemas import catalog
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec
 from edgeloop.schemas.registry.client import RegistryClient
-from edgeloop.schemas.topics import DownlinkKind, dlq_topic, mqtt_downlink, subject_for
+from edgeloop.schemas.topics import DownlinkKind, dlq_topic, mqtt_downlink
+from edgeloop.streams.dead_letters import DeadLetters
 from edgeloop.streams.metrics import BridgeMetrics
 from edgeloop.streams.settings import BridgeSettings
 
@@ -178,8 +176,7 @@ class Downlink:
         self.confluent = ConfluentCodec()
         self.single = SingleObjectCodec()
         self.ready = asyncio.Event()  # set once the fleet state is caught up
-        self.dead_letter = catalog.get("DeadLetter")
-        self._dlq_ids: dict[str, int] = {}
+        self.dead_letters = DeadLetters(registry, "bridge-downlink", settings.dlq_payload_bytes)
         self._backoff = Backoff(initial_s=0.2, max_s=settings.retry_backoff_max_s)
 
     async def run(self) -> None:
@@ -321,29 +318,15 @@ class Downlink:
             extra={"topic": topic, "reason": reason, "detail": detail[:200], "source": source},
         )
         dlq = dlq_topic(topic)
-        schema_id = self._dlq_ids.get(dlq)
-        if schema_id is None:
-            # The bridge owns its dead-letter topics, so it registers their schema itself.
-            text = self.dead_letter.text
-            schema_id = await self._retry(
-                "registry", lambda: self.registry.register(subject_for(dlq), text)
-            )
-            self._dlq_ids[dlq] = schema_id
-        cap = self.settings.dlq_payload_bytes
-        letter = {
-            "event_id": str(uuid.uuid4()),
-            "ts": time.time_ns() // 1000,
-            "stage": "bridge-downlink",
-            "reason": reason,
-            "detail": detail,
-            "source": source,
-            "client_id": None,
-            "device_id": None,
-            "payload": value[:cap],
-            "payload_size": len(value),
-            "truncated": len(value) > cap,
-        }
-        encoded = self.confluent.encode(schema_id, self.dead_letter, letter)
+        encoded = await self.dead_letters.encode(
+            dlq,
+            reason=reason,
+            detail=detail,
+            source=source,
+            device_id=None,
+            payload=value,
+            retry=self._retry,
+        )
         headers = [("reason", reason.encode())]
         await self._retry("kafka", lambda: producer.send_and_wait(dlq, encoded, headers=headers))
 

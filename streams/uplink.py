@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from edgeloop.core.settings import KafkaSettings, MqttSettings
 from edgeloop.schemas import catalog
 from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.catalog import EventSchema
-from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec, single_to_confluent
+from edgeloop.schemas.framing import SingleObjectCodec, single_to_confluent
 from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.schemas.topics import (
     TOPICS,
@@ -49,6 +48,7 @@ from edgeloop.schemas.topics import (
     parse_mqtt_uplink,
     subject_for,
 )
+from edgeloop.streams.dead_letters import DeadLetters
 from edgeloop.streams.intake import Incoming, MqttIntake
 from edgeloop.streams.metrics import BridgeMetrics
 from edgeloop.streams.native_intake import NativeIntake
@@ -125,9 +125,7 @@ class Uplink:
         self.codec = SingleObjectCodec(
             catalog.catalog().values(), DecodeLimits(max_message_bytes=settings.max_message_bytes)
         )
-        self.dlq_codec = ConfluentCodec()
-        self.dead_letter = catalog.get("DeadLetter")
-        self._dlq_ids: dict[str, int] = {}
+        self.dead_letters = DeadLetters(registry, "bridge-uplink", settings.dlq_payload_bytes)
         self._bridge_id = settings.client_id.encode()
         self._received = {kind: metrics.uplink_in.labels(kind.value) for kind in UplinkKind}
         self._backoff = Backoff(initial_s=0.1, max_s=settings.retry_backoff_max_s)
@@ -469,28 +467,16 @@ class Uplink:
         log.info(
             "dead-lettered", extra={"reason": reason, "topic": item.topic, "detail": detail[:200]}
         )
-        cap = self.settings.dlq_payload_bytes if payload_bytes is None else payload_bytes
-        record = {
-            "event_id": str(uuid.uuid4()),
-            "ts": time.time_ns() // 1000,
-            "stage": "bridge-uplink",
-            "reason": reason,
-            "detail": detail,
-            "source": f"mqtt:{item.topic}",
-            "client_id": None,
-            "device_id": device_id,
-            "payload": item.payload[:cap],
-            "payload_size": len(item.payload),
-            "truncated": len(item.payload) > cap,
-        }
-        schema_id = self._dlq_ids.get(topic)
-        if schema_id is None:
-            # The bridge owns its dead-letter topics, so it registers their schema itself.
-            schema_id = await self._retry(
-                "registry", self.registry.register, subject_for(topic), self.dead_letter.text
-            )
-            self._dlq_ids[topic] = schema_id
-        value = self.dlq_codec.encode(schema_id, self.dead_letter, record)
+        value = await self.dead_letters.encode(
+            topic,
+            reason=reason,
+            detail=detail,
+            source=f"mqtt:{item.topic}",
+            device_id=device_id,
+            payload=item.payload,
+            retry=self._retry,
+            payload_bytes=payload_bytes,
+        )
         key = device_id.encode() if device_id else None
         headers = [("reason", reason.encode())]
         if payload_bytes == 0:
