@@ -184,6 +184,7 @@ class TriggerConsumer:
         A retry after training started finds the trigger `started` in the ledger and
         finishes it from the store instead of training again.
         """
+
         def on_retry(exc: BaseException, _attempt: int, delay: float) -> None:
             self.metrics.retries.inc()
             log.warning(
