@@ -7,7 +7,13 @@
 
 One consumer group drives the publishes and commits a batch's offsets only after every
 MQTT publish of it was acknowledged, so a restart neither skips nor repeats more than one
-batch. Cohort membership comes from `fleet.devices.v1`, and the latest threshold and
+batch. A record that can never be delivered (undecodable, an unknown schema id, the wrong
+event for its topic, a device or cohort id that is not a valid MQTT topic level) is
+dead-lettered to `<topic>.dlq.v1` with its reason and counts as handled; a registry that
+is unreachable or answers 5xx is waited out with the shared retry policy
+(`core/retry.py`), holding the batch uncommitted: a record is never skipped.
+
+Cohort membership comes from `fleet.devices.v1`, and the latest threshold and
 release per cohort from their compacted topics: both are read whole at start (state, not
 work), so a device that joins a cohort later still gets its cohort's current model and
 threshold, without republishing everything on every restart.
@@ -18,18 +24,21 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import defaultdict
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiomqtt
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from edgeloop.core.errors import DecodeError, RegistryError
+from edgeloop.core.errors import DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
+from edgeloop.core.retry import Backoff, retry
 from edgeloop.core.settings import KafkaSettings, MqttSettings
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec
 from edgeloop.schemas.registry.client import RegistryClient
-from edgeloop.schemas.topics import DownlinkKind, mqtt_downlink
+from edgeloop.schemas.topics import DownlinkKind, dlq_topic, mqtt_downlink
+from edgeloop.streams.dead_letters import DeadLetters
 from edgeloop.streams.metrics import BridgeMetrics
 from edgeloop.streams.settings import BridgeSettings
 
@@ -45,7 +54,44 @@ KIND = {
     VERDICTS: DownlinkKind.VERDICT,
 }
 
+EXPECTED_EVENT = {
+    THRESHOLDS: "ThresholdUpdate",
+    RELEASES: "ModelRelease",
+    VERDICTS: "CloudVerdict",
+    FLEET: "DeviceRecord",
+}
+T = TypeVar("T")
+
 Record = dict[str, Any]
+
+
+def level_problem(value: object) -> str | None:
+    """Why `value` cannot be one level of an MQTT topic name, or None when it can.
+
+    MQTT 5 section 4.7: `/` separates levels and `+`/`#` are wildcards, never allowed in
+    a topic name; section 1.5.4: a UTF-8 string must not contain U+0000 and should not
+    contain other control characters, and must be valid UTF-8 (no lone surrogates).
+    Beyond the specification, edgeloop ids are non-empty, at most 128 characters and
+    never contain `$` (schemas/topics.py builds the topics with the same rule).
+    """
+    if not isinstance(value, str) or not value:
+        return "is empty"
+    if len(value) > 128:
+        return f"is {len(value)} characters long (at most 128)"
+    bad = sorted({c for c in value if c in "/+#$" or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F})
+    if bad:
+        return "contains " + ", ".join(repr(c) for c in bad)
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+class BadTargetError(EdgeloopError):
+    """A record names a device or cohort that cannot be a topic level (dead-lettered)."""
+
+    reason = "bad_target"
 
 
 class Fleet:
@@ -61,6 +107,12 @@ class Fleet:
     def apply_device(self, record: Record) -> str | None:
         """Returns the device id when it newly joined a cohort (it needs that cohort's state)."""
         device, cohort = record["device_id"], record["cohort"]
+        problem = level_problem(device)
+        if problem is not None:
+            # Such a device can never be published to; keeping it out of the membership
+            # keeps every cohort release and threshold deliverable to the others.
+            log.warning("fleet record ignored", extra={"device_id": repr(device), "why": problem})
+            return None
         old = self.cohort_of.get(device)
         if old is not None:
             self.members[old].discard(device)
@@ -72,15 +124,36 @@ class Fleet:
         return device if old != cohort else None
 
     def targets(self, topic: str, record: Record) -> list[str]:
+        """The devices `record` goes to.
+
+        Raises:
+            BadTargetError: the device or cohort it names is not a valid topic level.
+        """
         if topic == VERDICTS:
-            return [record["device_id"]]
+            return [_checked("device_id", record["device_id"])]
         if topic == RELEASES:
-            return sorted(self.members.get(record["cohort"], ()))
+            return sorted(self.members.get(_checked("cohort", record["cohort"]), ()))
         if record["scope"] == "DEVICE":
-            return [record["scope_id"]]
+            return [_checked("scope_id", record["scope_id"])]
         if record["scope"] == "COHORT":
-            return sorted(self.members.get(record["scope_id"], ()))
+            return sorted(self.members.get(_checked("scope_id", record["scope_id"]), ()))
         return sorted(self.cohort_of)  # FLEET
+
+
+def _expect(topic: str, schema: EventSchema) -> None:
+    if schema.short_name != EXPECTED_EVENT[topic]:
+        raise DecodeError(
+            f"{topic} carries {schema.short_name}, expected {EXPECTED_EVENT[topic]}",
+            reason="wrong_schema",
+            schema=schema.name,
+        )
+
+
+def _checked(field: str, value: str) -> str:
+    problem = level_problem(value)
+    if problem is not None:
+        raise BadTargetError(f"{field} {value!r} {problem}: it cannot be an MQTT topic level")
+    return value
 
 
 class Downlink:
@@ -103,6 +176,8 @@ class Downlink:
         self.confluent = ConfluentCodec()
         self.single = SingleObjectCodec()
         self.ready = asyncio.Event()  # set once the fleet state is caught up
+        self.dead_letters = DeadLetters(registry, "bridge-downlink", settings.dlq_payload_bytes)
+        self._backoff = Backoff(initial_s=0.2, max_s=settings.retry_backoff_max_s)
 
     async def run(self) -> None:
         tls = None
@@ -126,13 +201,37 @@ class Downlink:
             tg.create_task(self._drive(client))
 
     async def _decode(self, value: bytes) -> tuple[EventSchema, Record]:
-        """Decode with the writer's schema (fetched by id once): devices know its fingerprint."""
+        """Decode with the writer's schema (fetched by id once): devices know its fingerprint.
+
+        Waits out a registry that is unreachable or answers 5xx (never skips the record).
+
+        Raises:
+            DecodeError: bad bytes, or a schema id the registry does not know.
+        """
         schema_id = self.confluent.schema_id(value)
         if not self.confluent.knows(schema_id):
-            schema = EventSchema.from_text(await self.registry.schema(schema_id))
-            self.confluent.add(schema_id, schema)
+            try:
+                text = await self._retry("registry", lambda: self.registry.schema(schema_id))
+            except EdgeloopError as exc:  # permanent: retriable ones were retried
+                raise DecodeError(
+                    f"schema id {schema_id} unknown to the registry: {exc}",
+                    reason="unknown_schema_id",
+                ) from exc
+            self.confluent.add(schema_id, EventSchema.from_text(text))
         _, schema, record = self.confluent.decode(value)
         return schema, record
+
+    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Await `fn()` until it succeeds while failures are retriable (core/retry.py)."""
+
+        def on_retry(exc: BaseException, _attempt: int, delay: float) -> None:
+            self.metrics.retries.labels(what).inc()
+            log.warning(
+                f"{what} unavailable; retrying (downlink)",
+                extra={"error": repr(exc), "delay_s": round(delay, 3)},
+            )
+
+        return await retry(fn, self._backoff, on_retry=on_retry)
 
     async def _publish(
         self,
@@ -161,28 +260,75 @@ class Downlink:
             auto_offset_reset="earliest",
             client_id=f"{self.settings.client_id}-downlink",
         )
-        await consumer.start()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.kafka.bootstrap,
+            acks="all",
+            client_id=f"{self.settings.client_id}-downlink-dlq",
+        )
+        await self._retry("kafka", producer.start)
         try:
+            await consumer.start()
             while True:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=500)
                 for tp, records in batches.items():
                     for msg in records:
-                        await self._handle(client, tp.topic, msg.value)
+                        where = f"kafka:{tp.topic}/{tp.partition}@{msg.offset}"
+                        await self._handle(client, producer, tp.topic, msg.value, where)
                 if batches:
                     await consumer.commit()
         finally:
             await consumer.stop()
+            await producer.stop()
 
-    async def _handle(self, client: aiomqtt.Client, topic: str, value: bytes | None) -> None:
+    async def _handle(
+        self,
+        client: aiomqtt.Client,
+        producer: AIOKafkaProducer,
+        topic: str,
+        value: bytes | None,
+        source: str,
+    ) -> None:
         if value is None:  # a tombstone on a compacted topic: nothing to send
             return
         try:
             schema, record = await self._decode(value)
-        except (DecodeError, RegistryError) as exc:
-            self.metrics.dlq.labels(getattr(exc, "reason", "registry_rejected")).inc()
-            log.warning("downlink record skipped", extra={"topic": topic, "error": str(exc)})
+            _expect(topic, schema)
+            targets = self.fleet.targets(topic, record)
+        except (DecodeError, BadTargetError) as exc:
+            await self._dead_letter(
+                producer, topic, value, reason=exc.reason, detail=str(exc), source=source
+            )
             return
-        await self._publish(client, topic, schema, record, self.fleet.targets(topic, record))
+        await self._publish(client, topic, schema, record, targets)
+
+    async def _dead_letter(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        value: bytes,
+        *,
+        reason: str,
+        detail: str,
+        source: str,
+    ) -> None:
+        """Write a DeadLetter to `<topic>.dlq.v1` and wait for Kafka's acknowledgement."""
+        self.metrics.dlq.labels(reason).inc()
+        log.warning(
+            "downlink record dead-lettered",
+            extra={"topic": topic, "reason": reason, "detail": detail[:200], "source": source},
+        )
+        dlq = dlq_topic(topic)
+        encoded = await self.dead_letters.encode(
+            dlq,
+            reason=reason,
+            detail=detail,
+            source=source,
+            device_id=None,
+            payload=value,
+            retry=self._retry,
+        )
+        headers = [("reason", reason.encode())]
+        await self._retry("kafka", lambda: producer.send_and_wait(dlq, encoded, headers=headers))
 
     async def _follow_state(self, client: aiomqtt.Client) -> None:
         """Tail the compacted topics from the beginning, without a group."""
@@ -228,10 +374,14 @@ class Downlink:
             return
         try:
             schema, record = await self._decode(value)
-        except (DecodeError, RegistryError) as exc:
+        except DecodeError as exc:
+            # State is re-read whole at every start, so it is not dead-lettered here (that
+            # would repeat on every restart); the group consumer dead-letters it once.
             log.warning("fleet state record skipped", extra={"topic": topic, "error": str(exc)})
             return
-        if topic == RELEASES:
+        if schema.short_name != EXPECTED_EVENT[topic]:
+            log.warning("fleet state record skipped", extra={"topic": topic, "event": schema.name})
+        elif topic == RELEASES:
             self.fleet.latest_release[record["cohort"]] = (schema, record)
         elif topic == THRESHOLDS and record["scope"] == "COHORT":
             self.fleet.latest_threshold[record["scope_id"]] = (schema, record)

@@ -1,10 +1,13 @@
 """MQTT intake: paho's network thread receives, asyncio processes, acks go back by mid.
 
-Why a thread and not aiomqtt here: aiomqtt acknowledges QoS 1 messages on receipt and
-drops messages when its bounded queue is full (trials.md); the bridge must acknowledge
-only after Kafka has the record. paho 2.x offers manual acknowledgements, and running its
-network loop on its own thread let the MQTT receive path and asyncio's Kafka path use the
-second core (6.5k msg/s against 3.3k in the trials). Flow control is the broker's: the
+Why a thread and not aiomqtt here: aiomqtt 2.5 acknowledges QoS 1 messages on receipt,
+and when its bounded incoming queue is full it discards the message ("Message queue is
+full. Discarding message."), which with manual acks would sit unacknowledged with the
+broker until a reconnect; the bridge must acknowledge only after Kafka has the record.
+paho 2.x offers manual acknowledgements, and running its network loop on its own thread
+let the MQTT receive path and asyncio's Kafka path use the second core (measured on a
+2-core machine before the bridge was written: 6.5k msg/s against 3.3k for aiomqtt with
+one task per message). Flow control is the broker's: the
 MQTT 5 Receive Maximum caps unacknowledged messages, so the hand-off deque can never hold
 more than that many entries.
 """
@@ -53,8 +56,12 @@ class MqttIntake:
         topic_filter: str,
         receive_maximum: int,
         session_expiry_s: int,
+        keepalive_s: int = 30,
+        maximum_packet_size: int | None = None,
     ) -> None:
         self._mqtt = mqtt
+        self._keepalive_s = keepalive_s
+        self._maximum_packet_size = maximum_packet_size
         self._topic_filter = topic_filter
         self._receive_maximum = receive_maximum
         self._session_expiry_s = session_expiry_s
@@ -83,8 +90,15 @@ class MqttIntake:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.ReceiveMaximum = self._receive_maximum
         props.SessionExpiryInterval = self._session_expiry_s
+        if self._maximum_packet_size is not None:
+            props.MaximumPacketSize = self._maximum_packet_size
+        # paho sends PINGREQs and drops a connection whose PINGRESP does not come.
         self._client.connect_async(
-            self._mqtt.host, self._mqtt.port, keepalive=30, clean_start=False, properties=props
+            self._mqtt.host,
+            self._mqtt.port,
+            keepalive=self._keepalive_s,
+            clean_start=False,
+            properties=props,
         )
         self._client.loop_start()
         await asyncio.to_thread(self._connected.wait, 30)

@@ -4,31 +4,55 @@ Same contract as the paho intake (`intake.py`): messages in arrival order throug
 `batch()`, `ack()` by packet id once Kafka has the record, the broker's Receive Maximum as
 the only flow control. Everything runs on the event loop: no thread, no lock; PUBACKs of
 one loop iteration leave in one write.
+
+What the hand-written receive path guarantees (each was a fault once):
+
+- **Generations belong to connections.** Packet ids are per connection, so every message
+  carries the generation of the connection it arrived on, fixed when that connection was
+  made. A resumed session's queued PUBLISHes that arrive in the same read as the CONNACK
+  (Mosquitto writes them right behind it) are this connection's and are acknowledged on
+  it; an ack for an earlier connection's message is never sent on a later one.
+- **Bounded, linear reassembly.** A packet's remaining length is checked against the
+  Maximum Packet Size announced in CONNECT as soon as it is decoded; a partial packet is
+  appended to, never re-parsed or re-copied per read, and parsed once when complete.
+- **Keep-alive in full** (MQTT 5 section 3.1.2.10 and 4.13): a PINGREQ every half
+  keep-alive (the server's Server Keep Alive when it sets one), and a connection that
+  stays silent for a whole keep-alive after a PINGREQ (no PINGRESP, nothing else either)
+  is lost: it is aborted and the intake reconnects. The 1.5x rule is the server's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import ssl
 import time
 from collections import deque
 
 from edgeloop.core.logs import get_logger
+from edgeloop.core.retry import Backoff
 from edgeloop.core.settings import MqttSettings
 from edgeloop.streams import mqtt_wire as wire
 from edgeloop.streams.intake import Incoming
 
 log = get_logger(__name__)
 
+# Reconnecting to the broker: 0.5 s doubling to 10 s, jittered (many bridges must not
+# reconnect in lockstep after a broker restart).
+_RECONNECT = Backoff(initial_s=0.5, max_s=10.0)
+
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, intake: NativeIntake) -> None:
+    def __init__(self, intake: NativeIntake, generation: int, max_body: int | None) -> None:
         self.intake = intake
-        self.buf = bytearray()
+        self.generation = generation
+        self.max_body = max_body
+        # A packet being reassembled, and its full size once its header was complete.
+        self.partial = bytearray()
+        self.need = 0
         self.transport: asyncio.Transport | None = None
+        self.last_received = time.monotonic()
         loop = asyncio.get_running_loop()
-        self.connack: asyncio.Future[tuple[bool, int]] = loop.create_future()
+        self.connack: asyncio.Future[wire.Connack] = loop.create_future()
         self.suback: asyncio.Future[list[int]] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
 
@@ -37,24 +61,43 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        # Parse immutable bytes: views into them stay valid while the buffer shrinks.
-        if self.buf:
-            self.buf += data
-            data = bytes(self.buf)
+        self.last_received = time.monotonic()
+        if self.partial:
+            # Append only (amortised linear); parse once the packet is complete.
+            self.partial += data
+            if len(self.partial) < self.need:
+                return
+            data = bytes(self.partial)
+            self.partial = bytearray()
         try:
-            packets, used = wire.split_packets(data)
+            # Parse immutable bytes: views into them stay valid while handlers run.
+            packets, used, self.need = wire.split_packets(data, self.max_body)
             for kind, flags, body in packets:
                 self._handle(kind, flags, body)
+        except wire.PacketTooLargeError as exc:
+            log.warning(
+                "broker sent a packet over our Maximum Packet Size; disconnecting (0x95)",
+                extra={"error": str(exc)},
+            )
+            self._drop(wire.DISCONNECT_TOO_LARGE)
+            return
         except (wire.ProtocolError, IndexError, UnicodeDecodeError) as exc:
             log.warning("mqtt protocol error; dropping the connection", extra={"error": repr(exc)})
-            if self.transport:
-                self.transport.close()
+            self._drop(None)
             return
-        self.buf = bytearray(data[used:])
+        if used < len(data):
+            self.partial = bytearray(memoryview(data)[used:])
+
+    def _drop(self, last_words: bytes | None) -> None:
+        self.partial = bytearray()
+        if self.transport and not self.transport.is_closing():
+            if last_words:
+                self.transport.write(last_words)
+            self.transport.close()
 
     def _handle(self, kind: int, flags: int, body: memoryview) -> None:
         if kind == wire.PUBLISH:
-            self.intake.received(wire.parse_publish(flags, body))
+            self.intake.received(wire.parse_publish(flags, body), self.generation)
         elif kind == wire.CONNACK and not self.connack.done():
             self.connack.set_result(wire.parse_connack(body))
         elif kind == wire.SUBACK and not self.suback.done():
@@ -62,6 +105,7 @@ class _Connection(asyncio.Protocol):
         elif kind == wire.DISCONNECT and self.transport:
             log.warning("broker sent DISCONNECT", extra={"reason": body[0] if body else 0})
             self.transport.close()
+        # PINGRESP needs no handling: any packet refreshes `last_received`.
 
     def connection_lost(self, exc: Exception | None) -> None:
         for waiting in (self.connack, self.suback):
@@ -82,6 +126,7 @@ class NativeIntake:
         receive_maximum: int,
         session_expiry_s: int,
         keepalive_s: int = 30,
+        maximum_packet_size: int | None = None,
     ) -> None:
         self._mqtt = mqtt
         self._client_id = client_id
@@ -89,6 +134,7 @@ class NativeIntake:
         self._receive_maximum = receive_maximum
         self._session_expiry_s = session_expiry_s
         self._keepalive_s = keepalive_s
+        self._maximum_packet_size = maximum_packet_size
         self._pending: deque[Incoming] = deque()
         self._ready = asyncio.Event()
         self._connected = asyncio.Event()
@@ -110,6 +156,7 @@ class NativeIntake:
             ) from None
 
     def stop(self) -> None:
+        """Send the acknowledgements queued so far, then DISCONNECT (normal) and close."""
         if self._conn and self._conn.transport and not self._conn.transport.is_closing():
             self._flush()
             self._conn.transport.write(wire.DISCONNECT_PACKET)
@@ -126,8 +173,9 @@ class NativeIntake:
         return [pending.popleft() for _ in range(take)]
 
     def ack(self, item: Incoming) -> None:
-        # Packet ids are per connection: never ack on a later connection (see intake.py).
-        if item.qos and item.generation == self.connection_count:
+        # Packet ids are per connection: only the connection a message came on may ack it.
+        conn = self._conn
+        if item.qos and conn is not None and item.generation == conn.generation:
             if not self._acks:
                 asyncio.get_running_loop().call_soon(self._flush)
             self._acks.append(wire.puback(item.mid))
@@ -136,7 +184,7 @@ class NativeIntake:
     def depth(self) -> int:
         return len(self._pending)
 
-    def received(self, publish: wire.Publish) -> None:
+    def received(self, publish: wire.Publish, generation: int) -> None:
         self._pending.append(
             Incoming(
                 publish.packet_id,
@@ -144,28 +192,41 @@ class NativeIntake:
                 publish.topic,
                 publish.payload,
                 time.monotonic_ns(),
-                self.connection_count,
+                generation,
             )
         )
         self._ready.set()
 
     def _flush(self) -> None:
-        if self._acks and self._conn and self._conn.transport:
-            self._conn.transport.write(b"".join(self._acks))
+        conn = self._conn
+        if self._acks and conn and conn.transport and not conn.transport.is_closing():
+            conn.transport.write(b"".join(self._acks))
         self._acks.clear()
 
     async def _maintain(self) -> None:
-        delay = 0.5
+        attempt = 0
         while True:
             try:
                 await self._session()
-                delay = 0.5
+                attempt = 0
             except (OSError, ConnectionError, TimeoutError) as exc:
                 log.warning("mqtt connection failed", extra={"error": repr(exc)})
             self._connected.clear()
-            # Full jitter: many bridges must not reconnect in lockstep after a broker restart.
-            await asyncio.sleep(random.uniform(0, delay))  # noqa: S311
-            delay = min(delay * 2, 10.0)
+            await asyncio.sleep(_RECONNECT.delay(attempt))
+            attempt += 1
+
+    def _new_connection(self) -> _Connection:
+        # The generation is fixed before the first byte arrives: whatever this connection
+        # delivers, in whichever read, is acknowledged on it and nowhere else.
+        self.connection_count += 1
+        conn = _Connection(self, self.connection_count, self._max_body())
+        self._conn = conn
+        self._acks.clear()  # acks of an earlier connection must not reach this one
+        return conn
+
+    def _max_body(self) -> int | None:
+        # Maximum Packet Size counts the whole packet; the fixed header is 2 to 5 bytes.
+        return None if self._maximum_packet_size is None else self._maximum_packet_size - 5
 
     async def _session(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,7 +234,7 @@ class NativeIntake:
         if self._mqtt.ca_file and self._mqtt.port == self._mqtt.tls_port:
             tls = ssl.create_default_context(cafile=str(self._mqtt.ca_file))
         _, conn = await loop.create_connection(
-            lambda: _Connection(self), self._mqtt.host, self._mqtt.port, ssl=tls
+            self._new_connection, self._mqtt.host, self._mqtt.port, ssl=tls
         )
         assert conn.transport is not None
         password = self._mqtt.password.get_secret_value() if self._mqtt.password else None
@@ -186,31 +247,72 @@ class NativeIntake:
                 clean_start=False,
                 session_expiry_s=self._session_expiry_s,
                 receive_maximum=self._receive_maximum,
+                maximum_packet_size=self._maximum_packet_size,
             )
         )
-        async with asyncio.timeout(10):
-            _, reason = await conn.connack
-        if reason != 0:
+        try:
+            connack = await self._handshake(conn)
+        except BaseException:
             conn.transport.close()
-            raise ConnectionError(f"broker refused CONNECT with reason code {reason:#04x}")
-        self.connection_count += 1
-        self._conn = conn
-        self._acks.clear()  # acks of the old connection must not reach this one
+            raise
+        keepalive = self._keepalive_s
+        if connack.server_keep_alive is not None:
+            keepalive = connack.server_keep_alive  # MQTT 5 section 3.2.2.3.14: it wins
+        log.info(
+            "mqtt connected",
+            extra={
+                "filter": self._filter,
+                "receive_maximum": self._receive_maximum,
+                "keepalive_s": keepalive,
+                "session_present": connack.session_present,
+            },
+        )
+        self._connected.set()
+        try:
+            await self._keep_alive(conn, keepalive)
+        finally:
+            log.warning("mqtt disconnected", extra={"client_id": self._client_id})
+
+    async def _handshake(self, conn: _Connection) -> wire.Connack:
+        """Wait for CONNACK, subscribe, wait for SUBACK; a refusal is a ConnectionError."""
+        assert conn.transport is not None
+        async with asyncio.timeout(10):
+            connack = await conn.connack
+        if connack.reason != 0:
+            raise ConnectionError(f"broker refused CONNECT with reason code {connack.reason:#04x}")
         conn.transport.write(wire.subscribe(1, self._filter))
         async with asyncio.timeout(10):
             codes = await conn.suback
         if not codes or codes[0] >= 0x80:
-            conn.transport.close()
             raise ConnectionError(f"broker refused SUBSCRIBE {self._filter}: {codes}")
-        log.info(
-            "mqtt connected",
-            extra={"filter": self._filter, "receive_maximum": self._receive_maximum},
-        )
-        self._connected.set()
-        try:
-            while not conn.closed.done():
-                await asyncio.wait([conn.closed], timeout=self._keepalive_s / 2)
-                if not conn.closed.done() and conn.transport and not conn.transport.is_closing():
-                    conn.transport.write(wire.PINGREQ_PACKET)
-        finally:
-            log.warning("mqtt disconnected", extra={"client_id": self._client_id})
+        return connack
+
+    async def _keep_alive(self, conn: _Connection, keepalive: int) -> None:
+        """Until the connection closes: ping every half keep-alive; abort a silent one.
+
+        MQTT 5 section 4.13 lets a client close a connection whose PINGRESP does not come
+        "within a reasonable amount of time"; here that is one keep-alive with nothing
+        received at all after the PINGREQ (a busy broker's PUBLISHes count as life).
+        """
+        if keepalive <= 0:  # keep-alive switched off (section 3.1.2.10)
+            await conn.closed
+            return
+        tick = keepalive / 2
+        pinged_at: float | None = None
+        while not conn.closed.done():
+            await asyncio.wait([conn.closed], timeout=tick)
+            transport = conn.transport
+            if conn.closed.done() or transport is None or transport.is_closing():
+                break
+            now = time.monotonic()
+            if pinged_at is not None and conn.last_received < pinged_at:
+                if now - pinged_at >= keepalive:
+                    log.warning(
+                        "no PINGRESP within the keep-alive; the connection is lost",
+                        extra={"keepalive_s": keepalive},
+                    )
+                    transport.abort()
+                    break
+                continue  # still waiting for this PINGREQ's answer
+            transport.write(wire.PINGREQ_PACKET)
+            pinged_at = now

@@ -27,10 +27,21 @@ class BridgeSettings(_Base):
     # MQTT 5 Receive Maximum: the most unacknowledged QoS 1 messages the broker sends us.
     # It is the bridge's in-flight window, so it bounds both memory and duplicates.
     receive_maximum: int = Field(1000, ge=1, le=65535)
+    # Payload cap: a bigger payload is dead-lettered (`oversize`). The bridge announces
+    # this plus room for the topic and properties as its MQTT Maximum Packet Size, so the
+    # broker never sends a larger packet; the broker's own `message_size_limit` (the
+    # generated Mosquitto config uses the same default) refuses bigger publishes to the
+    # device with PUBACK 0x95.
     max_message_bytes: int = Field(256 * 1024, ge=64)
     # Timestamps outside this window are dead-lettered `bad_timestamp` (see DecodeLimits).
     min_timestamp_us: int = DecodeLimits.min_timestamp_us
     max_timestamp_us: int = DecodeLimits.max_timestamp_us
+    # MQTT keep-alive: a PINGREQ every half of it; a connection silent for a whole
+    # keep-alive after a PINGREQ is dropped and re-established (half-open detection).
+    keepalive_s: int = Field(30, ge=0, le=65535)
+    # Graceful stop: how long settling the in-flight records may take before the intake
+    # disconnects anyway (keep it under the runner's shutdown timeout, 10 s).
+    drain_timeout_s: float = Field(5.0, gt=0)
     validation: Literal["full", "header"] = "full"
     # native: the asyncio MQTT 5 receive path (fast); paho: paho-mqtt on its own thread.
     intake: Literal["native", "paho"] = "native"
@@ -38,6 +49,9 @@ class BridgeSettings(_Base):
     # so lingering only adds latency at low rates (measured: p50 2.8 ms at 0, 8.5 ms at 5).
     linger_ms: int = Field(0, ge=0)
     max_batch_bytes: int = Field(256 * 1024, ge=1024)
+    # The producer refuses a record larger than this itself (aiokafka's max_request_size);
+    # match it to the brokers' `message.max.bytes`. A refused record is dead-lettered.
+    max_request_bytes: int = Field(1024 * 1024, ge=1024)
     # How much of a rejected payload the dead-letter event keeps.
     dlq_payload_bytes: int = Field(4096, ge=0)
     retry_backoff_max_s: float = Field(5.0, gt=0)

@@ -4,28 +4,40 @@ At-least-once: a message's PUBACK goes to the broker only after Kafka acknowledg
 record (acks=all) or its dead-letter record. Until then the broker holds it; a crash of
 the bridge means redelivery to the same persistent session, never loss. The in-flight
 window is the MQTT Receive Maximum.
+
+A produce failure is judged per record by the one retry policy (`core/retry.py`):
+transient ones are re-sent with backoff, holding the acks; a record Kafka will never take
+(over the topic's `max.message.bytes`, a missing write ACL, ...) is re-sent alone once to
+be sure it is its own fault, then dead-lettered as `kafka_rejected` and acknowledged once
+the dead letter is in Kafka, so the rest of the window goes on.
+
+A graceful stop (cancellation, as the runner does on SIGTERM) drains: no new message is
+taken, what was sent to Kafka is settled and acknowledged, then the intake disconnects;
+a restart therefore re-sends nothing that is already in Kafka.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from edgeloop.core.errors import ConfigError, DecodeError, EdgeloopError, RegistryError
 from edgeloop.core.logs import get_logger
+from edgeloop.core.retry import Backoff, is_retriable, retry
 from edgeloop.core.settings import KafkaSettings, MqttSettings
 from edgeloop.schemas import catalog
 from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.catalog import EventSchema
-from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec, single_to_confluent
+from edgeloop.schemas.framing import SingleObjectCodec, single_to_confluent
 from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.schemas.topics import (
     TOPICS,
@@ -36,9 +48,11 @@ from edgeloop.schemas.topics import (
     parse_mqtt_uplink,
     subject_for,
 )
+from edgeloop.streams.dead_letters import DeadLetters
 from edgeloop.streams.intake import Incoming, MqttIntake
 from edgeloop.streams.metrics import BridgeMetrics
 from edgeloop.streams.native_intake import NativeIntake
+from edgeloop.streams.producers import Producers
 from edgeloop.streams.schema_ids import SchemaIds, UnregisteredSchemaError
 from edgeloop.streams.settings import BridgeSettings
 
@@ -48,6 +62,14 @@ log = get_logger(__name__)
 EXPECTED_SCHEMA = {kind: catalog.get(TOPICS[topic].event) for kind, topic in UPLINK_TOPIC.items()}
 T = TypeVar("T")
 ROUTE_SLICE = 128
+# Room for the topic (at most 65,535 bytes), the packet id and properties around a payload
+# of `max_message_bytes`: the Maximum Packet Size the bridge announces in CONNECT.
+PACKET_OVERHEAD = 64 * 1024
+# aiokafka's default partitioner (murmur2 of the key, as the Java client): a record sent
+# alone lands where `send()` would have put it, so a device's order is kept.
+_PARTITIONER = DefaultPartitioner()
+# Header of a dead letter that already carries no payload copy.
+_STRIPPED = ("stripped", b"1")
 
 
 @dataclass(slots=True)
@@ -58,6 +80,29 @@ class Routed:
     value: bytes
     headers: list[tuple[str, bytes]]
     label: str  # uplink kind, or "dlq"
+    device_id: str | None = None
+
+
+def _failure(fut: asyncio.Future[object]) -> BaseException | None:
+    """Why a finished delivery failed (None: Kafka has the record). A cancelled one (the
+    producer was stopping) is a transient failure: the record is sent again."""
+    if fut.cancelled():
+        cancelled: BaseException = KafkaConnectionError("delivery cancelled")
+        return cancelled
+    return fut.exception()
+
+
+@dataclass(slots=True)
+class _Sent:
+    """One routed slice on its way to Kafka: `futures[i]` is the delivery of `routed[i]`.
+
+    Records are sent in order, so `futures` may be shorter than `routed` while (or when
+    a stop interrupted) sending; only the sent prefix is ever acknowledged.
+    """
+
+    routed: list[Routed]
+    futures: list[asyncio.Future[object]] = field(default_factory=list)
+    generation: int = 0  # of the main producer that sent it
 
 
 class Uplink:
@@ -85,45 +130,86 @@ class Uplink:
                 max_timestamp_us=settings.max_timestamp_us,
             ),
         )
-        self.dlq_codec = ConfluentCodec()
-        self.dead_letter = catalog.get("DeadLetter")
-        self._dlq_ids: dict[str, int] = {}
+        self.dead_letters = DeadLetters(registry, "bridge-uplink", settings.dlq_payload_bytes)
         self._bridge_id = settings.client_id.encode()
         self._received = {kind: metrics.uplink_in.labels(kind.value) for kind in UplinkKind}
+        self._backoff = Backoff(initial_s=0.1, max_s=settings.retry_backoff_max_s)
+        # Slices sent to Kafka and not yet acknowledged on MQTT, oldest first.
+        self._unsettled: deque[_Sent] = deque()
+        # Messages taken from the intake and not yet acknowledged (the in-flight gauge).
+        self._held = 0
 
     async def run(self) -> None:
+        intake = self._make_intake()
+        producers = Producers(
+            self._producer_factory, self._retry, idempotent=self.kafka.idempotence
+        )
+        await producers.start()
+        await self._warm_up(producers.main)
+        # Slices travel from the router to the acknowledger; two in flight keeps both busy.
+        handoff: asyncio.Queue[_Sent] = asyncio.Queue(maxsize=2)
+        try:
+            await intake.start()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._route_loop(intake, producers, handoff))
+                tg.create_task(self._ack_loop(intake, producers, handoff))
+        except asyncio.CancelledError:
+            await self._drain(intake, producers)
+            raise
+        finally:
+            # Acks queued so far leave before DISCONNECT; the rest stays with the session.
+            intake.stop()
+            await producers.stop()
+
+    def _producer_factory(self, idempotent: bool) -> AIOKafkaProducer:
+        s = self.settings
+        return AIOKafkaProducer(
+            bootstrap_servers=self.kafka.bootstrap,
+            acks="all",
+            enable_idempotence=idempotent,
+            linger_ms=s.linger_ms,
+            max_batch_size=s.max_batch_bytes,
+            max_request_size=s.max_request_bytes,
+            request_timeout_ms=15_000,
+            client_id=f"{s.client_id}-uplink",
+        )
+
+    def _make_intake(self) -> MqttIntake | NativeIntake:
         s = self.settings
         intake_type = NativeIntake if s.intake == "native" else MqttIntake
-        intake = intake_type(
+        return intake_type(
             self.mqtt,
             client_id=s.client_id,
             topic_filter=f"$share/{s.share_group}/edgeloop/+/up/#",
             receive_maximum=s.receive_maximum,
             session_expiry_s=s.session_expiry_s,
+            keepalive_s=s.keepalive_s,
+            maximum_packet_size=s.max_message_bytes + PACKET_OVERHEAD,
         )
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.kafka.bootstrap,
-            acks="all",
-            enable_idempotence=self.kafka.idempotence,
-            linger_ms=s.linger_ms,
-            max_batch_size=s.max_batch_bytes,
-            request_timeout_ms=15_000,
-            client_id=f"{s.client_id}-uplink",
-        )
-        await self._retry("kafka", producer.start)
-        await self._warm_up(producer)
-        # Batches travel from the router to the acknowledger; two in flight keeps both busy.
-        handoff: asyncio.Queue[tuple[list[Routed], list[asyncio.Future[object]]]] = asyncio.Queue(
-            maxsize=2
-        )
+
+    async def _drain(self, intake: MqttIntake | NativeIntake, producers: Producers) -> None:
+        """On a graceful stop: settle and acknowledge what was sent, take nothing new.
+
+        Bounded by `drain_timeout_s` (keep it under the runner's shutdown timeout); what
+        is not settled by then stays unacknowledged and is redelivered after a restart.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # this stop request is handled here; re-raised by the caller
+        settled = 0
         try:
-            await intake.start()
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._route_loop(intake, producer, handoff))
-                tg.create_task(self._ack_loop(intake, producer, handoff))
-        finally:
-            intake.stop()  # unacknowledged messages stay with the broker's session
-            await producer.stop()
+            async with asyncio.timeout(self.settings.drain_timeout_s):
+                while self._unsettled:
+                    sent = self._unsettled[0]
+                    await self._settle(producers, sent)
+                    settled += self._acknowledge(intake, sent)
+                    self._unsettled.popleft()
+        except TimeoutError:
+            log.warning(
+                "drain timed out; the rest is redelivered after a restart",
+                extra={"unsettled_slices": len(self._unsettled)},
+            )
+        log.info("uplink drained", extra={"acknowledged": settled, "not_taken": intake.depth})
 
     async def _warm_up(self, producer: AIOKafkaProducer) -> None:
         """Fetch topic metadata and schema ids before the first message, not during it:
@@ -140,73 +226,175 @@ class Uplink:
     async def _route_loop(
         self,
         intake: MqttIntake | NativeIntake,
-        producer: AIOKafkaProducer,
-        handoff: asyncio.Queue[tuple[list[Routed], list[asyncio.Future[object]]]],
+        producers: Producers,
+        handoff: asyncio.Queue[_Sent],
     ) -> None:
         while True:
             # Small slices keep the loop responsive: while a slice is routed, Kafka's acks
             # (and so the PUBACKs of earlier slices) wait. 1000 at once cost 10+ ms of p99.
             batch = await intake.batch(ROUTE_SLICE)
-            self.metrics.in_flight.set(len(batch) + intake.depth)
-            routed = [await self._route(item) for item in batch]
-            futures = await self._send(producer, routed)
-            await handoff.put((routed, futures))
+            self._held += len(batch)
+            self.metrics.in_flight.set(self._held + intake.depth)
+            sent = _Sent([await self._route(item) for item in batch])
+            # Registered before the first send: a stop in the middle still settles the
+            # records that went out (and only those) before disconnecting.
+            self._unsettled.append(sent)
+            sent.generation = producers.generation
+            await self._send(producers.main, sent.routed, sent.futures)
+            await handoff.put(sent)
 
     async def _ack_loop(
         self,
         intake: MqttIntake | NativeIntake,
-        producer: AIOKafkaProducer,
-        handoff: asyncio.Queue[tuple[list[Routed], list[asyncio.Future[object]]]],
+        producers: Producers,
+        handoff: asyncio.Queue[_Sent],
     ) -> None:
         while True:
-            routed, futures = await handoff.get()
-            await self._settle(producer, routed, futures)
-            now = time.monotonic_ns()
-            produced: Counter[str] = Counter()
-            observe = self.metrics.added_latency.observe
-            for r in routed:
-                intake.ack(r.item)
-                produced[r.label] += 1
-                observe((now - r.item.received_ns) / 1e9)
-            # One labelled increment per kind and batch: label lookups cost per call.
-            for label, count in produced.items():
-                self.metrics.uplink_out.labels(label).inc(count)
+            sent = await handoff.get()
+            await self._settle(producers, sent)
+            self._acknowledge(intake, sent)
+            self._unsettled.popleft()
+            self.metrics.in_flight.set(self._held + intake.depth)
+
+    def _acknowledge(self, intake: MqttIntake | NativeIntake, sent: _Sent) -> int:
+        """PUBACK the settled records of `sent`; returns how many."""
+        now = time.monotonic_ns()
+        produced: Counter[str] = Counter()
+        observe = self.metrics.added_latency.observe
+        done = sent.routed[: len(sent.futures)]
+        for r in done:
+            intake.ack(r.item)
+            produced[r.label] += 1
+            observe((now - r.item.received_ns) / 1e9)
+        # One labelled increment per kind and batch: label lookups cost per call.
+        for label, count in produced.items():
+            self.metrics.uplink_out.labels(label).inc(count)
+        self._held -= len(sent.routed)
+        return len(done)
 
     async def _send(
-        self, producer: AIOKafkaProducer, routed: Sequence[Routed]
-    ) -> list[asyncio.Future[object]]:
-        futures: list[asyncio.Future[object]] = []
+        self,
+        producer: AIOKafkaProducer,
+        routed: Sequence[Routed],
+        futures: list[asyncio.Future[object]],
+    ) -> None:
+        """Hand `routed` to the producer in order, appending each delivery to `futures`."""
         for r in routed:
             try:
                 fut = await producer.send(r.topic, r.value, key=r.key, headers=r.headers)
-            except KafkaError as exc:
+            except KafkaError as exc:  # refused before sending (e.g. over max_request_size)
                 fut = asyncio.get_running_loop().create_future()
                 fut.set_exception(exc)
             futures.append(fut)
-        return futures
 
-    async def _settle(
-        self,
-        producer: AIOKafkaProducer,
-        routed: list[Routed],
-        futures: list[asyncio.Future[object]],
-    ) -> None:
-        """Wait until Kafka has every record; re-send from the first failure, in order."""
-        delay = 0.1
+    async def _settle(self, producers: Producers, sent: _Sent) -> None:
+        """Wait until Kafka has every sent record of `sent` (or its dead letter).
+
+        Transient failures re-send the failed records, in order, with backoff. A
+        non-retriable one re-sends each failed record alone (a batch is refused whole, so
+        a good record can share a bad one's error), dead-lettering the ones Kafka refuses
+        on their own. `sent` is updated in place, so settling again (after a stop
+        interrupted this) neither loses nor repeats a record.
+
+        An idempotent producer cannot go on after a refused batch: aiokafka keeps the
+        refused batch's sequence numbers, so every later batch to that partition fails
+        with OutOfOrderSequenceNumber. The producer that sent `sent` is therefore
+        replaced first, and the single-record probes go through a separate producer
+        without idempotence, so a probe that is refused poisons nothing.
+        """
+        attempt = 0
         while True:
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            failed = next((i for i, r in enumerate(results) if isinstance(r, BaseException)), None)
-            if failed is None:
+            waiting = [f for f in sent.futures if not f.done()]
+            if waiting:
+                await asyncio.wait(waiting)
+            failed = [i for i, f in enumerate(sent.futures) if _failure(f) is not None]
+            if not failed:
                 return
-            self.metrics.retries.labels("kafka").inc()
-            log.warning(
-                "kafka produce failed; holding MQTT acks and retrying",
-                extra={"error": repr(results[failed]), "pending": len(routed) - failed},
+            errors = [_failure(sent.futures[i]) for i in failed]
+            if all(e is not None and is_retriable(e) for e in errors):
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                self.metrics.retries.labels("kafka").inc()
+                log.warning(
+                    "kafka produce failed; holding MQTT acks and retrying",
+                    extra={"error": repr(errors[0]), "pending": len(failed), "delay_s": delay},
+                )
+                await asyncio.sleep(delay)
+                sent.generation = producers.generation  # the producer these go out on
+                for i in failed:
+                    sent.futures[i] = await self._resend(producers.main, sent.routed[i])
+                continue
+            await producers.renew_after_refusal(sent.generation)
+            for i in failed:
+                await self._deliver_alone(producers.probe, sent, i)
+
+    async def _resend(self, producer: AIOKafkaProducer, r: Routed) -> asyncio.Future[object]:
+        futures: list[asyncio.Future[object]] = []
+        await self._send(producer, [r], futures)
+        return futures[0]
+
+    async def _send_alone(self, producer: AIOKafkaProducer, r: Routed) -> asyncio.Future[object]:
+        """Send `r` as a batch of its own (to the partition its key maps to), so that a
+        refusal is this record's and not a batch-mate's."""
+        try:
+            # send() refuses a record over max_request_size itself; send_batch() does not
+            # check, so the same limit is applied here.
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(r.key, r.value, r.headers)
+            if size > self.settings.max_request_bytes:
+                raise MessageSizeTooLargeError(
+                    f"the record is {size} bytes, over max_request_size "
+                    f"{self.settings.max_request_bytes}"
+                )
+            partitions = sorted(await producer.partitions_for(r.topic))
+            batch = producer.create_batch()
+            batch.append(key=r.key, value=r.value, timestamp=None, headers=r.headers)
+            partition = _PARTITIONER(r.key, partitions, partitions)
+            fut: asyncio.Future[object] = await producer.send_batch(
+                batch, r.topic, partition=partition
             )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.settings.retry_backoff_max_s)
-            routed = routed[failed:]
-            futures = await self._send(producer, routed)
+        except KafkaError as exc:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(exc)
+        await asyncio.wait([fut])
+        return fut
+
+    async def _deliver_alone(self, producer: AIOKafkaProducer, sent: _Sent, i: int) -> None:
+        """Send record `i` by itself until Kafka has it or its dead letter."""
+        if not sent.futures[i].done():  # still in flight (a stop interrupted settling)
+            await asyncio.wait([sent.futures[i]])
+        if _failure(sent.futures[i]) is None:
+            return
+        attempt = 0
+        sent.futures[i] = await self._send_alone(producer, sent.routed[i])
+        while (exc := _failure(sent.futures[i])) is not None:
+            r = sent.routed[i]
+            detail = f"Kafka refused the record for {r.topic}: {exc!r}"
+            if is_retriable(exc):
+                self.metrics.retries.labels("kafka").inc()
+                await asyncio.sleep(self._backoff.delay(attempt))
+                attempt += 1
+            elif r.label != "dlq":
+                sent.routed[i] = await self._dead(
+                    r.item, dlq_topic(r.topic), "kafka_rejected", detail, r.device_id
+                )
+            elif _STRIPPED not in r.headers:
+                # The dead letter itself is refused: keep its facts, drop the payload copy.
+                sent.routed[i] = await self._dead(
+                    r.item, r.topic, "kafka_rejected", detail, r.device_id, payload_bytes=0
+                )
+            else:
+                # Not even a bare dead letter is taken (the dead-letter topic is missing or
+                # not writable): nothing can be written for this message, so it is held,
+                # never dropped, until an operator fixes the dead-letter topic.
+                self.metrics.retries.labels("kafka_dlq").inc()
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                log.error(
+                    "dead-letter topic refuses records; holding the message",
+                    extra={"topic": r.topic, "error": repr(exc), "delay_s": delay},
+                )
+                await asyncio.sleep(delay)
+            sent.futures[i] = await self._send_alone(producer, sent.routed[i])
 
     async def _route(self, item: Incoming) -> Routed:
         try:
@@ -236,6 +424,7 @@ class Uplink:
             single_to_confluent(item.payload, schema_id),
             headers,
             kind.value,
+            device_id,
         )
 
     def _validate(
@@ -270,49 +459,47 @@ class Uplink:
         return schema, headers
 
     async def _dead(
-        self, item: Incoming, topic: str, reason: str, detail: str, device_id: str | None
+        self,
+        item: Incoming,
+        topic: str,
+        reason: str,
+        detail: str,
+        device_id: str | None,
+        *,
+        payload_bytes: int | None = None,
     ) -> Routed:
         self.metrics.dlq.labels(reason).inc()
         log.info(
             "dead-lettered", extra={"reason": reason, "topic": item.topic, "detail": detail[:200]}
         )
-        cap = self.settings.dlq_payload_bytes
-        record = {
-            "event_id": str(uuid.uuid4()),
-            "ts": time.time_ns() // 1000,
-            "stage": "bridge-uplink",
-            "reason": reason,
-            "detail": detail,
-            "source": f"mqtt:{item.topic}",
-            "client_id": None,
-            "device_id": device_id,
-            "payload": item.payload[:cap],
-            "payload_size": len(item.payload),
-            "truncated": len(item.payload) > cap,
-        }
-        schema_id = self._dlq_ids.get(topic)
-        if schema_id is None:
-            # The bridge owns its dead-letter topics, so it registers their schema itself.
-            schema_id = await self._retry(
-                "registry", self.registry.register, subject_for(topic), self.dead_letter.text
-            )
-            self._dlq_ids[topic] = schema_id
-        value = self.dlq_codec.encode(schema_id, self.dead_letter, record)
+        value = await self.dead_letters.encode(
+            topic,
+            reason=reason,
+            detail=detail,
+            source=f"mqtt:{item.topic}",
+            device_id=device_id,
+            payload=item.payload,
+            retry=self._retry,
+            payload_bytes=payload_bytes,
+        )
         key = device_id.encode() if device_id else None
-        return Routed(item, topic, key, value, [("reason", reason.encode())], "dlq")
+        headers = [("reason", reason.encode())]
+        if payload_bytes == 0:
+            headers.append(_STRIPPED)
+        return Routed(item, topic, key, value, headers, "dlq", device_id)
 
     async def _retry(self, what: str, fn: Callable[..., Awaitable[T]], *args: object) -> T:
-        """Call `fn` until it succeeds while the failure is retriable (service down)."""
-        delay = 0.2
-        while True:
-            try:
-                return await fn(*args)
-            except (KafkaError, OSError, EdgeloopError) as exc:
-                if isinstance(exc, EdgeloopError) and not exc.retriable:
-                    raise
-                self.metrics.retries.labels(what).inc()
-                log.warning(
-                    f"{what} unavailable; retrying", extra={"error": repr(exc), "delay_s": delay}
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_backoff_max_s)
+        """Call `fn` until it succeeds while the failure is retriable (service down).
+
+        Raises:
+            The first failure the shared policy (`core/retry.py`) calls permanent.
+        """
+
+        def on_retry(exc: BaseException, _attempt: int, delay: float) -> None:
+            self.metrics.retries.labels(what).inc()
+            log.warning(
+                f"{what} unavailable; retrying",
+                extra={"error": repr(exc), "delay_s": round(delay, 3)},
+            )
+
+        return await retry(lambda: fn(*args), self._backoff, on_retry=on_retry)

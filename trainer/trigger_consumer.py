@@ -46,6 +46,7 @@ from edgeloop.artifacts.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 from edgeloop.core.errors import ConfigError, DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
 from edgeloop.core.metrics import serve_metrics
+from edgeloop.core.retry import Backoff, retry
 from edgeloop.core.settings import KafkaSettings
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import ConfluentCodec
@@ -76,6 +77,8 @@ log = get_logger(__name__)
 
 TRAINING_TRIGGER = "edgeloop.v1.TrainingTrigger"
 # Trigger ids name run folders: letters, digits, '.', '_', '-' only (UUIDs fit).
+# Kafka or the registry away: wait from 0.5 s up to 30 s between tries of one trigger.
+_BACKOFF = Backoff(initial_s=0.5, max_s=30.0)
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -181,22 +184,17 @@ class TriggerConsumer:
         A retry after training started finds the trigger `started` in the ledger and
         finishes it from the store instead of training again.
         """
-        delay = 0.5
-        while True:
-            try:
-                await self._handle(publisher, msg)
-            except (KafkaError, OSError, EdgeloopError) as exc:
-                if isinstance(exc, EdgeloopError) and not exc.retriable:
-                    raise
-                self.metrics.retries.inc()
-                log.warning(
-                    "kafka or registry unavailable; retrying the trigger",
-                    extra={"offset": msg.offset, "error": repr(exc), "delay_s": delay},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-            else:
-                return
+
+        def on_retry(exc: BaseException, _attempt: int, delay: float) -> None:
+            self.metrics.retries.inc()
+            log.warning(
+                "kafka or registry unavailable; retrying the trigger",
+                extra={"offset": msg.offset, "error": repr(exc), "delay_s": round(delay, 3)},
+            )
+
+        # The shared policy (core/retry.py) decides what is transient; a permanent failure
+        # propagates (the trigger's own bad input was dead-lettered inside _handle).
+        await retry(lambda: self._handle(publisher, msg), _BACKOFF, on_retry=on_retry)
 
     async def _handle(self, publisher: EventPublisher, msg: ConsumerRecord[Any, Any]) -> None:
         source = f"kafka:{msg.topic}/{msg.partition}@{msg.offset}"

@@ -43,7 +43,7 @@ class MosquittoLimits:
     """Queue and persistence sizing, chosen rather than inherited.
 
     With the default max_queued_messages (1000) an online QoS 1 subscriber that falls
-    behind loses everything beyond it (measured, notes/trials.md). Queues here are sized
+    behind loses everything beyond it (measured on Mosquitto 2.0.11). Queues here are sized
     for a bridge that stalls for a while under a fleet's load; the byte cap keeps one
     stuck subscriber from taking the host's memory. When a cap is hit Mosquitto drops
     and counts the message ($SYS/broker/...dropped), which the bridge's lag shows.
@@ -62,6 +62,14 @@ class MosquittoLimits:
     # The in-memory state is written to mosquitto.db on a clean stop and every N seconds.
     # A kill -9 loses what was queued since the last save; a SIGTERM loses nothing.
     autosave_interval_s: int = 5
+    # The largest PUBLISH payload accepted from any client; a larger one is refused and,
+    # for an MQTT 5 QoS 1 publisher, answered with PUBACK reason 0x95 "Packet too large"
+    # (Mosquitto 2.0 handle_publish), so the device learns it was refused; other clients'
+    # messages keep flowing. Keep it at or below the bridge's `max_message_bytes` (same
+    # default), so everything the broker takes is something the bridge can forward.
+    # `max_packet_size` would instead disconnect the publisher, which then resends the
+    # same packet after every reconnect.
+    message_size_limit: int = 256 * 1024
 
 
 def hash_password(password: str, *, salt: bytes | None = None, iterations: int = 101) -> str:
@@ -122,6 +130,7 @@ def render_conf(
             f"max_queued_bytes {limits.max_queued_bytes}",
             # QoS 0 must not take queue room from QoS 1 messages of an offline device.
             "queue_qos0_messages false",
+            f"message_size_limit {limits.message_size_limit}",
             "set_tcp_nodelay true",
             "",
             # stderr (unbuffered; stdout into a file is block-buffered), which the launcher

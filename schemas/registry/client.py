@@ -3,13 +3,13 @@
 Works with any compatible registry (Confluent, Karapace, Apicurio's ccompat, Redpanda,
 the embedded one). Ids are immutable, so `id -> schema` and `(subject, schema) -> id` are
 cached for the client's life (bounded, oldest dropped first). Connection failures, 5xx,
-408 and 429 are retried with exponential backoff; other errors surface at once as
-`RegistryError` carrying Confluent's `error_code`.
+408 and 429 are retried (`attempts` tries in all) with the shared capped, jittered
+backoff of `core/retry.py`; other errors surface at once as `RegistryError` carrying
+Confluent's `error_code`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +21,7 @@ from urllib.parse import quote
 import httpx
 
 from edgeloop.core.errors import RegistryError, RegistryUnavailableError
+from edgeloop.core.retry import Backoff, retry
 from edgeloop.core.settings import RegistrySettings
 from edgeloop.schemas.registry.api import CONTENT_TYPE, SUBJECT_COMPATIBILITY_NOT_CONFIGURED
 
@@ -99,6 +100,7 @@ class RegistryClient:
         self.url = url
         self.attempts = max(1, attempts)
         self.backoff_s = backoff_s
+        self._backoff = Backoff(initial_s=backoff_s, max_s=max(backoff_s, 5.0))
         self._by_id: _Lru[int, str] = _Lru(cache_size)
         self._ids: _Lru[tuple[str, str], int] = _Lru(cache_size)
 
@@ -214,17 +216,11 @@ class RegistryClient:
 
     async def _call(self, method: str, path: str, payload: Any = None) -> Any:
         # Every call here is idempotent (registering a schema twice returns its id), so a
-        # retry after an ambiguous failure is safe.
-        delay = self.backoff_s
-        for _ in range(self.attempts - 1):
-            try:
-                return await self._once(method, path, payload)
-            except (RegistryError, RegistryUnavailableError) as exc:
-                if not exc.retriable:
-                    raise
-            await asyncio.sleep(delay)
-            delay *= 2
-        return await self._once(method, path, payload)
+        # retry after an ambiguous failure is safe. Which failures are retried is the one
+        # policy's (core/retry.py): RegistryError says it itself (5xx, 408, 429).
+        return await retry(
+            lambda: self._once(method, path, payload), self._backoff, attempts=self.attempts
+        )
 
     async def _once(self, method: str, path: str, payload: Any) -> Any:
         try:

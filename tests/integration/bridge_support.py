@@ -10,6 +10,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import httpx
 import pytest
 
 from edgeloop.core.settings import MqttSettings
@@ -26,10 +27,19 @@ class BridgeProcess:
     """A bridge process. Each test uses its own share group: a stopped bridge's persistent
     session stays in its group and keeps receiving its share until it expires."""
 
-    def __init__(self, home: Path, client_id: str, log: Path, **env: str) -> None:
+    def __init__(
+        self,
+        home: Path,
+        client_id: str,
+        log: Path,
+        *,
+        receive_maximum: int = RECEIVE_MAXIMUM,
+        **env: str,
+    ) -> None:
         self.home = home
         self.client_id = client_id
         self.log = log
+        self.receive_maximum = receive_maximum
         self.env = env
         self.downlink = False
         self.proc: subprocess.Popen[bytes] | None = None
@@ -46,7 +56,7 @@ class BridgeProcess:
                     "--client-id",
                     self.client_id,
                     "--receive-maximum",
-                    str(RECEIVE_MAXIMUM),
+                    str(self.receive_maximum),
                     "--downlink" if self.downlink else "--no-downlink",
                 ],
                 env=env,
@@ -69,6 +79,15 @@ class BridgeProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+
+    def metric(self, name: str) -> float:
+        """A sample of the bridge's /metrics (EDGELOOP_BRIDGE_METRICS_PORT must be set)."""
+        port = self.env["EDGELOOP_BRIDGE_METRICS_PORT"]
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith((name + " ", name + "{")):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{name} not in the bridge's metrics")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -28,8 +28,16 @@ pytestmark = pytest.mark.integration
 
 
 async def dead_letters(
-    bootstrap: str, registry_url: str, topics: list[str], device_prefix: str, expected: int
+    bootstrap: str,
+    registry_url: str,
+    topics: list[str],
+    device_prefix: str,
+    expected: int,
+    *,
+    payload_marker: bytes | None = None,
 ) -> list[dict[str, object]]:
+    """Dead letters from MQTT topics of `device_prefix` devices, or (with `payload_marker`)
+    those whose payload copy contains the marker."""
     consumer = AIOKafkaConsumer(
         *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
     )
@@ -48,7 +56,11 @@ async def dead_letters(
                                 schema_id, EventSchema.from_text(await registry.schema(schema_id))
                             )
                         _, _, record = codec.decode(rec.value)
-                        if str(record.get("source", "")).startswith(
+                        if payload_marker is not None:
+                            payload = record.get("payload")
+                            if isinstance(payload, bytes) and payload_marker in payload:
+                                out.append(record)
+                        elif str(record.get("source", "")).startswith(
                             f"mqtt:edgeloop/{device_prefix}"
                         ):
                             out.append(record)

@@ -12,9 +12,10 @@ from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
 from edgeloop.infra import kafka_jvm
 from edgeloop.infra.kafka import make_broker
 from edgeloop.infra.mosquitto import MosquittoLimits, hash_password, render_acl, render_conf
-from edgeloop.infra.pki import DevPki
+from edgeloop.infra.pki import DevPki, ServerCredentials
 from edgeloop.infra.ports import free_ports
 from edgeloop.infra.stack import Stack, StackOptions
+from edgeloop.streams.settings import BridgeSettings
 
 
 def conf_lines(text: str) -> list[str]:
@@ -55,8 +56,26 @@ def test_mosquitto_conf_locks_devices_to_certificates(tmp_path: Path) -> None:
 
 
 def test_default_queue_is_far_above_mosquittos_1000() -> None:
-    # notes/trials.md: at the default 1000 a slow QoS 1 subscriber loses messages.
+    # Measured on Mosquitto 2.0.11: at the default 1000 a slow QoS 1 subscriber loses
+    # every message beyond it.
     assert MosquittoLimits().max_queued_messages >= 100_000
+
+
+def test_publishes_over_the_bridges_payload_cap_are_refused_by_the_broker() -> None:
+    # message_size_limit (PUBACK 0x95 to the publisher), not max_packet_size (which
+    # disconnects it, and it resends the same packet after every reconnect).
+    limits = MosquittoLimits()
+    assert limits.message_size_limit == BridgeSettings.model_fields["max_message_bytes"].default
+    conf = render_conf(
+        workdir=Path("/w"),
+        server=ServerCredentials(cert=Path("cert"), key=Path("key"), ca=Path("ca")),
+        port=1,
+        tls_port=2,
+        limits=limits,
+        run_as="u",
+    )
+    assert f"message_size_limit {limits.message_size_limit}" in conf_lines(conf)
+    assert not any(line.startswith("max_packet_size") for line in conf_lines(conf))
 
 
 def test_acl_gives_devices_their_subtree_and_cloud_the_tree() -> None:

@@ -27,7 +27,7 @@ def test_publish_round_trip_with_properties_and_a_long_payload() -> None:
     packed = props.pack()  # type: ignore[no-untyped-call]
     payload = b"\xc3\x01" + bytes(range(256)) * 2  # > 127 bytes: a 2-byte remaining length
     data = publish_packet("edgeloop/pi-1/up/inference", payload, 1, 513, packed)
-    packets, used = wire.split_packets(data)
+    packets, used, _ = wire.split_packets(data)
     assert used == len(data)
     [(kind, flags, body)] = packets
     assert kind == wire.PUBLISH
@@ -44,9 +44,10 @@ def test_split_keeps_an_incomplete_packet_for_the_next_read() -> None:
     one = publish_packet("t/a", b"x" * 10, 1, 1)
     two = publish_packet("t/b", b"y" * 300, 0, 0)
     data = one + two[:7]
-    packets, used = wire.split_packets(data)
+    packets, used, need = wire.split_packets(data)
     assert len(packets) == 1 and used == len(one)
-    packets, used = wire.split_packets(data[used:] + two[7:])
+    assert need == len(two)  # the whole next packet, known from its header
+    packets, used, _ = wire.split_packets(data[used:] + two[7:])
     [(_, flags, body)] = packets
     msg = wire.parse_publish(flags, body)
     assert (msg.topic, msg.qos, msg.payload) == ("t/b", 0, b"y" * 300)
@@ -64,7 +65,7 @@ def test_acks_and_connect_are_well_formed() -> None:
         receive_maximum=1000,
     )
     assert packet[0] == 0x10
-    [(kind, _, body)], _ = wire.split_packets(packet)
+    [(kind, _, body)], _, _ = wire.split_packets(packet)
     assert kind == wire.CONNECT
     assert bytes(body[:7]) == b"\x00\x04MQTT\x05"
     assert body[7] == 0xC0  # username and password, no clean start
