@@ -10,6 +10,20 @@
 - The cap is a declared policy: `drop_oldest` deletes the oldest row to make room,
   `reject_new` refuses the new event. Either way the count is kept (and persisted) and
   reported in DeviceStatus; a seq gap downstream shows the same loss.
+- A row the broker refuses for good (a PUBACK reason no retry changes, see
+  `edge/puback.py`) moves to the `quarantine` table in the same transaction that
+  deletes the delivered rows: kept with its reason code, counted (persisted) and
+  reported in DeviceStatus, never silently deleted. The quarantine has its own cap; past
+  it the oldest quarantined row goes, counted as `quarantine_dropped`.
+- A full disk (SQLITE_FULL, or an I/O error on write) does not raise out of `append`:
+  the event is not stored, `Appended.error` says why, `unstored` counts it (persisted
+  once a write succeeds again) and `storage_error` holds the cause until a write
+  succeeds. SQLite may already have rolled the transaction back itself when it reports
+  SQLITE_FULL; a ROLLBACK is issued only while a transaction is open, so the real error
+  is the one reported. Other writes (`settle`, `reserve_seq`) raise
+  `OutboxStorageError` (retriable) and change nothing.
+- `max_bytes` caps the database file (`PRAGMA max_page_count`): the outbox then never
+  takes more of the SD card than that, and reaching it behaves as a full disk.
 - WAL journal: the inference thread appends while the uplink reads and deletes. With
   `synchronous=NORMAL` a commit is durable against a process crash (kill -9); `FULL`
   adds an fsync per commit for power cuts.
@@ -22,12 +36,17 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeloop.core.errors import ConfigError
+from edgeloop.core.errors import ConfigError, EdgeloopError
 from edgeloop.edge.settings import OutboxFullPolicy, SyncMode
+
+# Primary result codes that mean "the disk could not take the write" (sqlite.org/rescode):
+# SQLITE_IOERR (10, every extended IOERR_* shares it) and SQLITE_FULL (13).
+_STORAGE_CODES = frozenset({10, 13})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -37,7 +56,34 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_us INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_us INTEGER NOT NULL,
+    reason_code INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_us INTEGER NOT NULL
+);
 """
+
+
+class OutboxStorageError(EdgeloopError):
+    """The disk refused a write (full, or an I/O error); nothing was changed.
+
+    Retriable: the same write succeeds once space frees.
+    """
+
+    retriable = True
+
+
+def _storage_cause(exc: sqlite3.Error) -> str | None:
+    """The cause when `exc` means the disk refused the write, else None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and (code & 0xFF) in _STORAGE_CODES:
+        name = getattr(exc, "sqlite_errorname", "")
+        return f"{exc} ({name})" if name else str(exc)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +96,31 @@ class Row:
 
 @dataclass(frozen=True, slots=True)
 class Appended:
-    """What `append` did: the seq it used, whether the row is stored, what it evicted."""
+    """What `append` did: the seq it used, whether the row is stored, what it evicted.
+
+    `error` is set when the disk refused the row (the seq was not used then).
+    """
 
     seq: int
     stored: bool
     evicted: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A row the broker refused for good: its PUBACK reason code and name."""
+
+    seq: int
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    deleted: int
+    quarantined: int
+    quarantine_dropped: int = 0
 
 
 class Outbox:
@@ -65,15 +131,20 @@ class Outbox:
         capacity: int,
         policy: OutboxFullPolicy = "drop_oldest",
         sync: SyncMode = "NORMAL",
+        quarantine_capacity: int = 10_000,
+        max_bytes: int | None = None,
     ) -> None:
         if capacity < 1:
             raise ConfigError(f"outbox capacity must be >= 1, got {capacity}")
+        if quarantine_capacity < 1:
+            raise ConfigError(f"quarantine capacity must be >= 1, got {quarantine_capacity}")
         if policy not in ("drop_oldest", "reject_new"):
             raise ConfigError(f"outbox policy {policy!r}: use drop_oldest or reject_new")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.capacity = capacity
         self.policy: OutboxFullPolicy = policy
+        self.quarantine_capacity = quarantine_capacity
         self._lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per call.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -84,6 +155,8 @@ class Outbox:
         # milliseconds into the p99 of a frame. `checkpoint()` runs it off that path.
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
+        if max_bytes is not None:
+            self.set_max_bytes(max_bytes)
         # A second connection only for checkpoints: in WAL mode a checkpoint runs beside
         # the writer, so it never takes the append lock.
         self._ckpt = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -95,6 +168,67 @@ class Outbox:
         self._next_seq = max(stored_next, (row[1] or 0) + 1)
         self.dropped = self._meta("dropped", 0)
         self.rejected = self._meta("rejected", 0)
+        self.quarantined = self._meta("quarantined", 0)
+        self.quarantine_dropped = self._meta("quarantine_dropped", 0)
+        self._quarantine_depth: int = self._db.execute(
+            "SELECT COUNT(*) FROM quarantine"
+        ).fetchone()[0]
+        # Events the disk refused: `_unstored_pending` is not on disk yet (it is added to
+        # the persisted count by the next write that succeeds).
+        self._unstored_saved = self._meta("unstored", 0)
+        self._unstored_pending = 0
+        # Why the last write failed; None once a write succeeds again.
+        self.storage_error: str | None = None
+
+    def set_max_bytes(self, max_bytes: int) -> None:
+        """Cap the database file at about `max_bytes` (PRAGMA max_page_count).
+
+        Raises:
+            ConfigError: the cap is below one page.
+        """
+        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        if max_bytes < page:
+            raise ConfigError(f"outbox max_bytes {max_bytes} is below one page ({page} bytes)")
+        with self._lock:
+            self._db.execute(f"PRAGMA max_page_count={max_bytes // page}")
+
+    @property
+    def unstored(self) -> int:
+        """Events the disk refused, over the device's lifetime."""
+        return self._unstored_saved + self._unstored_pending
+
+    @property
+    def quarantine_depth(self) -> int:
+        return self._quarantine_depth
+
+    def _transaction(self, body: Callable[[], None]) -> None:
+        """Run `body` in one write transaction (caller holds the lock).
+
+        Raises:
+            OutboxStorageError: the disk refused the write; the transaction is rolled back.
+            sqlite3.Error: any other database error (also rolled back).
+        """
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            body()
+            if self._unstored_pending:
+                saved = self._unstored_saved + self._unstored_pending
+                self._set_meta("unstored", saved)
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            # On SQLITE_FULL SQLite may have rolled back already; a ROLLBACK then raises
+            # "cannot rollback - no transaction is active" and would hide the real error.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            cause = _storage_cause(exc) if isinstance(exc, sqlite3.Error) else None
+            if cause is not None:
+                self.storage_error = cause
+                raise OutboxStorageError(f"outbox {self.path}: {cause}") from exc
+            raise
+        if self._unstored_pending:
+            self._unstored_saved += self._unstored_pending
+            self._unstored_pending = 0
+        self.storage_error = None
 
     def _meta(self, key: str, default: int) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -138,8 +272,9 @@ class Outbox:
             payload = encode(seq)
             evicted = 0
             stored = True
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+
+            def write() -> None:
+                nonlocal evicted, stored
                 if self._depth >= self.capacity:
                     if self.policy == "reject_new":
                         stored = False
@@ -159,10 +294,13 @@ class Outbox:
                 self._set_meta("next_seq", seq + 1)
                 if count is not None:
                     self._set_meta(f"count:{count}", self._meta(f"count:{count}", 0) + 1)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+
+            try:
+                self._transaction(write)
+            except OutboxStorageError:
+                # Not stored, seq not used: the device keeps deciding; the caller counts it.
+                self._unstored_pending += 1
+                return Appended(seq, False, 0, self.storage_error)
             # Only after the commit: memory never claims what the disk does not hold.
             self._next_seq = seq + 1
             self._depth += (1 if stored else 0) - evicted
@@ -174,9 +312,7 @@ class Outbox:
         """A seq for an event that is not stored here (the MQTT last will)."""
         with self._lock:
             seq = self._next_seq
-            self._db.execute("BEGIN IMMEDIATE")
-            self._set_meta("next_seq", seq + 1)
-            self._db.execute("COMMIT")
+            self._transaction(lambda: self._set_meta("next_seq", seq + 1))
             self._next_seq = seq + 1
             return seq
 
@@ -191,22 +327,71 @@ class Outbox:
         return [Row(int(s), str(k), bytes(p), int(c)) for s, k, p, c in rows]
 
     def ack(self, seqs: Iterable[int]) -> int:
-        """Delete acknowledged rows (one transaction); returns how many were still there."""
-        params = [(s,) for s in seqs]
-        if not params:
-            return 0
+        """Delete delivered rows (one transaction); returns how many were still there.
+
+        Raises:
+            OutboxStorageError: the disk refused the write; nothing was deleted.
+        """
+        return self.settle(seqs, ()).deleted
+
+    def settle(self, delivered: Iterable[int], refused: Iterable[Refusal]) -> Settled:
+        """In one transaction: delete `delivered` rows, move `refused` ones to quarantine.
+
+        Raises:
+            OutboxStorageError: the disk refused the write; nothing changed.
+        """
+        gone = [(s,) for s in delivered]
+        moves = list(refused)
+        if not gone and not moves:
+            return Settled(0, 0)
+        now = time.time_ns() // 1000
+        deleted = moved = trimmed = 0
+
+        def write() -> None:
+            nonlocal deleted, moved, trimmed
+            before = self._db.total_changes
+            self._db.executemany("DELETE FROM outbox WHERE seq = ?", gone)
+            deleted = self._db.total_changes - before
+            for r in moves:
+                moved_now = self._db.execute(
+                    "INSERT OR IGNORE INTO quarantine "
+                    "SELECT seq, kind, payload, created_us, ?, ?, ? FROM outbox WHERE seq = ?",
+                    (r.code, r.reason, now, r.seq),
+                ).rowcount
+                self._db.execute("DELETE FROM outbox WHERE seq = ?", (r.seq,))
+                moved += moved_now
+            over = self._quarantine_depth + moved - self.quarantine_capacity
+            if over > 0:
+                trimmed = self._db.execute(
+                    "DELETE FROM quarantine WHERE seq IN "
+                    "(SELECT seq FROM quarantine ORDER BY seq LIMIT ?)",
+                    (over,),
+                ).rowcount
+            if moved:
+                self._set_meta("quarantined", self.quarantined + moved)
+            if trimmed:
+                self._set_meta("quarantine_dropped", self.quarantine_dropped + trimmed)
+
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                before = self._db.total_changes
-                self._db.executemany("DELETE FROM outbox WHERE seq = ?", params)
-                deleted = self._db.total_changes - before
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._depth -= deleted
-            return deleted
+            self._transaction(write)
+            self._depth -= deleted + moved
+            self.quarantined += moved
+            self.quarantine_dropped += trimmed
+            self._quarantine_depth += moved - trimmed
+        return Settled(deleted, moved, trimmed)
+
+    def quarantine(self, limit: int = 100) -> list[tuple[Row, int, str]]:
+        """Quarantined rows, oldest first, with their PUBACK reason code and name."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, payload, created_us, reason_code, reason FROM quarantine "
+                "ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            (Row(int(s), str(k), bytes(p), int(c)), int(code), str(reason))
+            for s, k, p, c, code, reason in rows
+        ]
 
     def checkpoint(self) -> None:
         """Copy the WAL back into the database (PASSIVE: never waits on the writer).
@@ -214,7 +399,16 @@ class Outbox:
         Blocking disk work: call it from a thread (the daemon does every few seconds).
         """
         with self._ckpt_lock:
-            self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            try:
+                self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                # Copying the WAL back needs room in the database file: on a full disk
+                # it waits for the next round (the WAL keeps the rows meanwhile).
+                cause = _storage_cause(exc)
+                if cause is None:
+                    raise
+                self.storage_error = cause
+                raise OutboxStorageError(f"outbox {self.path}: checkpoint: {cause}") from exc
 
     def close(self) -> None:
         with self._ckpt_lock:
