@@ -344,8 +344,10 @@ class EdgeDaemon:
             try:
                 await asyncio.to_thread(outbox.checkpoint)
             except OutboxStorageError as exc:
-                log.warning("checkpoint failed", extra={"device": self.settings.device_id,
-                                                        "error": str(exc)})  # fmt: skip
+                log.warning(
+                    "checkpoint failed",
+                    extra={"device": self.settings.device_id, "error": str(exc)},
+                )
             self._note_storage()
 
     def _note_storage(self) -> None:
@@ -361,11 +363,11 @@ class EdgeDaemon:
             done = await asyncio.to_thread(self._append_status, "ONLINE")
             self._note_storage()
             if done.error is not None and self.uplink is not None:
-                await self._status_past_the_outbox(self.uplink)
+                await self._status_past_the_outbox(self.uplink, done.error)
             if self.uplink is not None:
                 self.uplink.notify()
 
-    async def _status_past_the_outbox(self, uplink: MqttUplink) -> None:
+    async def _status_past_the_outbox(self, uplink: MqttUplink, cause: str) -> None:
         """The disk refused the status row: publish it directly, so the cloud learns that
         this device is DEGRADED while it is (a status is a snapshot; the next one
         supersedes it, so it is not kept for later)."""
@@ -374,7 +376,11 @@ class EdgeDaemon:
             seq = await asyncio.to_thread(self.outbox.reserve_seq)
         except OutboxStorageError:
             return  # not even a seq can be stored: the next tick tries again
-        payload = self._status_bytes("DEGRADED", seq)
+        # The cause as the failed write saw it: by now the uplink may have freed space.
+        record = self.status_record("DEGRADED", seq)
+        record["storage_error"] = cause
+        record["last_error"] = f"outbox: {cause}"
+        payload = self.codec.encode(STATUS, dict(record))
         if not await uplink.publish_now(UplinkKind.STATUS, payload):
             log.info("DEGRADED status not delivered", extra={"device": self.settings.device_id})
 

@@ -44,6 +44,8 @@ from pathlib import Path
 from edgeloop.core.errors import ConfigError, EdgeloopError
 from edgeloop.edge.settings import OutboxFullPolicy, SyncMode
 
+# Seqs set aside for events sent while the disk refuses writes (see `reserve_seq`).
+SPARE_SEQS = 4
 # Primary result codes that mean "the disk could not take the write" (sqlite.org/rescode):
 # SQLITE_IOERR (10, every extended IOERR_* shares it) and SQLITE_FULL (13).
 _STORAGE_CODES = frozenset({10, 13})
@@ -179,6 +181,7 @@ class Outbox:
         self._unstored_pending = 0
         # Why the last write failed; None once a write succeeds again.
         self.storage_error: str | None = None
+        self._spare_seqs: list[int] = []
 
     def set_max_bytes(self, max_bytes: int) -> None:
         """Cap the database file at about `max_bytes` (PRAGMA max_page_count).
@@ -309,11 +312,27 @@ class Outbox:
             return Appended(seq, stored, evicted)
 
     def reserve_seq(self) -> int:
-        """A seq for an event that is not stored here (the MQTT last will)."""
+        """A seq for an event that is not stored here (the MQTT last will, a status sent
+        while the disk is full).
+
+        Each successful reservation also sets aside a few spare seqs (persisted as used),
+        handed out when the disk refuses even this one-row update. Spares are older than
+        the seqs in use by then, like the will's; unused ones are gaps, like an unsent will.
+
+        Raises:
+            OutboxStorageError: the disk refused the write and no spare seq is left.
+        """
         with self._lock:
             seq = self._next_seq
-            self._transaction(lambda: self._set_meta("next_seq", seq + 1))
-            self._next_seq = seq + 1
+            refill = SPARE_SEQS - len(self._spare_seqs)
+            try:
+                self._transaction(lambda: self._set_meta("next_seq", seq + 1 + refill))
+            except OutboxStorageError:
+                if not self._spare_seqs:
+                    raise
+                return self._spare_seqs.pop(0)
+            self._spare_seqs.extend(range(seq + 1, seq + 1 + refill))
+            self._next_seq = seq + 1 + refill
             return seq
 
     def peek(self, after_seq: int, limit: int) -> list[Row]:

@@ -240,7 +240,13 @@ class MqttUplink:
                 fut: asyncio.Future[ReasonCode] = asyncio.get_running_loop().create_future()
                 self._acks[info.mid] = fut
                 await fut
-        except (TimeoutError, asyncio.CancelledError, aiomqtt.MqttError, OSError):
+        except (
+            TimeoutError,
+            asyncio.CancelledError,
+            aiomqtt.MqttError,
+            OSError,
+            OutboxStorageError,
+        ):
             log.info("no OFFLINE status sent at shutdown", extra={"device": self.config.device_id})
 
     async def publish_now(self, kind: UplinkKind, payload: bytes) -> bool:

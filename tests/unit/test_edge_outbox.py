@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgeloop.core.errors import ConfigError
-from edgeloop.edge.outbox import Outbox
+from edgeloop.edge.outbox import SPARE_SEQS, Outbox
 
 
 def fill(box: Outbox, n: int, kind: str = "inference") -> list[int]:
@@ -72,7 +72,28 @@ def test_reject_new_when_full_is_counted(tmp_path: Path) -> None:
 def test_reserved_seq_is_never_reused(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", capacity=10)
     assert box.reserve_seq() == 1
-    assert fill(box, 1) == [2]
+    # The spare seqs set aside with it (for statuses on a full disk) are not reused either.
+    assert fill(box, 1) == [2 + SPARE_SEQS]
+    box.close()
+    assert fill(Outbox(tmp_path / "o.db", capacity=10), 1) == [3 + SPARE_SEQS]
+
+
+def test_a_full_disk_still_gives_a_status_a_seq(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgeloop.edge.outbox import OutboxStorageError
+
+    box = Outbox(tmp_path / "o.db", capacity=100)
+    first = box.reserve_seq()
+
+    def disk_full(_body: object) -> None:  # what a full tmpfs does to every write
+        raise OutboxStorageError("database or disk is full")
+
+    monkeypatch.setattr(box, "_transaction", disk_full)
+    spares = [box.reserve_seq() for _ in range(SPARE_SEQS)]
+    assert spares == list(range(first + 1, first + 1 + SPARE_SEQS))
+    with pytest.raises(OutboxStorageError):
+        box.reserve_seq()  # spares spent: the caller skips this status
 
 
 def test_a_failing_encoder_stores_nothing(tmp_path: Path) -> None:
