@@ -166,6 +166,7 @@ class EdgeDaemon:
                 sync=s.outbox_sync,
                 quarantine_capacity=s.quarantine_capacity,
                 max_bytes=s.outbox_max_bytes,
+                reserve_bytes=s.outbox_reserve_bytes,
             )
             try:
                 await self._run(state, outbox, public_key)

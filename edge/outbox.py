@@ -24,6 +24,15 @@
   `OutboxStorageError` (retriable) and change nothing.
 - `max_bytes` caps the database file (`PRAGMA max_page_count`): the outbox then never
   takes more of the SD card than that, and reaching it behaves as a full disk.
+- A truly full disk can wedge SQLite in WAL mode: deleting rows needs WAL frames, and a
+  checkpoint needs room to grow the database file, so nothing frees anything. A reserve
+  file (`reserve_bytes`, next to the database) is kept for that moment: on the first
+  refused write the database's size is frozen (max_page_count = its page count, so new
+  rows can only reuse freed pages) and the reserve is deleted, which gives deletes and
+  checkpoints room. Once a checkpoint completes (TRUNCATE, giving the WAL's space back)
+  and the disk has room for the reserve plus a margin, the reserve is written again and
+  the freeze lifted. While frozen, new rows reuse the pages delivered rows freed: storing
+  resumes as the uplink drains.
 - WAL journal: the inference thread appends while the uplink reads and deletes. With
   `synchronous=NORMAL` a commit is durable against a process crash (kill -9); `FULL`
   adds an fsync per commit for power cuts.
@@ -34,6 +43,8 @@ thread, reads and acks from the event loop).
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -44,6 +55,8 @@ from pathlib import Path
 from edgeloop.core.errors import ConfigError, EdgeloopError
 from edgeloop.edge.settings import OutboxFullPolicy, SyncMode
 
+# Free space beyond the reserve before a frozen outbox may grow again.
+THAW_MARGIN_BYTES = 64 * 1024
 # Seqs set aside for events sent while the disk refuses writes (see `reserve_seq`).
 SPARE_SEQS = 4
 # Primary result codes that mean "the disk could not take the write" (sqlite.org/rescode):
@@ -135,6 +148,7 @@ class Outbox:
         sync: SyncMode = "NORMAL",
         quarantine_capacity: int = 10_000,
         max_bytes: int | None = None,
+        reserve_bytes: int = 0,
     ) -> None:
         if capacity < 1:
             raise ConfigError(f"outbox capacity must be >= 1, got {capacity}")
@@ -157,8 +171,15 @@ class Outbox:
         # milliseconds into the p99 of a frame. `checkpoint()` runs it off that path.
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
+        # The page cap to return to after a full disk froze the size (see the docstring).
+        self._cap_pages = int(self._db.execute("PRAGMA max_page_count").fetchone()[0])
         if max_bytes is not None:
             self.set_max_bytes(max_bytes)
+        self._frozen = False
+        self._appends_paused = False
+        self._reserve = path.with_name(path.name + ".reserve")
+        self._reserve_bytes = reserve_bytes
+        self._write_reserve()
         # A second connection only for checkpoints: in WAL mode a checkpoint runs beside
         # the writer, so it never takes the append lock.
         self._ckpt = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -194,6 +215,52 @@ class Outbox:
             raise ConfigError(f"outbox max_bytes {max_bytes} is below one page ({page} bytes)")
         with self._lock:
             self._db.execute(f"PRAGMA max_page_count={max_bytes // page}")
+            self._cap_pages = max_bytes // page
+
+    def _write_reserve(self) -> bool:
+        """Write the reserve file if it is missing; False when the disk has no room."""
+        if self._reserve_bytes <= 0 or self._reserve.exists():
+            return True
+        tmp = self._reserve.with_suffix(".tmp")
+        try:
+            with tmp.open("wb") as fh:
+                chunk = bytes(min(self._reserve_bytes, 65_536))
+                left = self._reserve_bytes
+                while left > 0:
+                    left -= fh.write(chunk[:left])
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(self._reserve)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return False
+        return True
+
+    def _on_disk_refused(self) -> None:
+        """Freeze the database's size and give the reserve back (caller holds the lock)."""
+        if self._frozen:
+            return
+        if shutil.disk_usage(self.path.parent).free >= self._reserve_bytes + THAW_MARGIN_BYTES:
+            return  # the disk has room: `max_bytes` was reached, deleting rows makes room
+        pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+        self._db.execute(f"PRAGMA max_page_count={max(pages, 1)}")
+        self._frozen = True
+        # Rows within the frozen size still write WAL frames, which would eat the space
+        # the reserve gives back: no appends until a checkpoint has emptied the WAL.
+        self._appends_paused = True
+        self._reserve.unlink(missing_ok=True)
+
+    def _thaw(self) -> None:
+        """After a completed checkpoint (the WAL is empty): appends may go on, within the
+        frozen size. When the disk has room for the reserve and a margin besides, the
+        reserve is written again and the freeze lifted."""
+        self._appends_paused = False
+        free = shutil.disk_usage(self.path.parent).free
+        if free < self._reserve_bytes + THAW_MARGIN_BYTES or not self._write_reserve():
+            return
+        with self._lock:
+            self._db.execute(f"PRAGMA max_page_count={self._cap_pages}")
+            self._frozen = False
 
     @property
     def unstored(self) -> int:
@@ -226,12 +293,14 @@ class Outbox:
             cause = _storage_cause(exc) if isinstance(exc, sqlite3.Error) else None
             if cause is not None:
                 self.storage_error = cause
+                self._on_disk_refused()
                 raise OutboxStorageError(f"outbox {self.path}: {cause}") from exc
             raise
         if self._unstored_pending:
             self._unstored_saved += self._unstored_pending
             self._unstored_pending = 0
-        self.storage_error = None
+        if not self._appends_paused:  # while paused, events are still refused
+            self.storage_error = None
 
     def _meta(self, key: str, default: int) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -272,6 +341,9 @@ class Outbox:
         """
         with self._lock:
             seq = self._next_seq
+            if self._appends_paused:
+                self._unstored_pending += 1
+                return Appended(seq, False, 0, self.storage_error or "disk full (paused)")
             payload = encode(seq)
             evicted = 0
             stored = True
@@ -418,8 +490,12 @@ class Outbox:
         Blocking disk work: call it from a thread (the daemon does every few seconds).
         """
         with self._ckpt_lock:
+            frozen = self._frozen
             try:
-                self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                # Frozen by a full disk: TRUNCATE also gives the WAL file's space back.
+                # It waits for the writer, which is fine while writes are refused anyway.
+                mode = "TRUNCATE" if frozen else "PASSIVE"
+                busy, _, _ = self._ckpt.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
             except sqlite3.Error as exc:
                 # Copying the WAL back needs room in the database file: on a full disk
                 # it waits for the next round (the WAL keeps the rows meanwhile).
@@ -427,7 +503,11 @@ class Outbox:
                 if cause is None:
                     raise
                 self.storage_error = cause
+                with self._lock:
+                    self._on_disk_refused()
                 raise OutboxStorageError(f"outbox {self.path}: checkpoint: {cause}") from exc
+            if frozen and not busy:
+                self._thaw()
 
     def close(self) -> None:
         with self._ckpt_lock:
