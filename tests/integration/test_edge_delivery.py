@@ -114,3 +114,67 @@ async def test_events_wait_for_a_subscriber_and_drained_means_delivered(
     )  # fmt: skip
     distinct = {e for e, k in zip(got.event_ids, got.keys, strict=True) if k == device}
     assert len(distinct) == EVENTS
+
+
+async def test_an_event_over_the_brokers_size_limit_is_quarantined_and_the_rest_flow(
+    tmp_path: Path,
+) -> None:
+    """Mosquitto answers a PUBLISH over `message_size_limit` with PUBACK 0x95 (paho 2.2
+    used to call that a malformed packet and drop the link, so the device resent the
+    row forever). A Mosquitto of this test's own, since it needs the limit."""
+    import shutil
+
+    import aiomqtt
+
+    from edgeloop.edge.metrics import EdgeMetrics
+    from edgeloop.edge.outbox import Outbox
+    from edgeloop.edge.uplink import LinkConfig, MqttUplink
+    from edgeloop.infra.ports import free_ports
+
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    (port,) = free_ports(1)
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmessage_size_limit 2048\n")
+    broker = await asyncio.create_subprocess_exec(
+        binary, "-c", str(conf), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    got: list[bytes] = []
+    box = Outbox(tmp_path / "o.db", capacity=100)
+    for payload in (b"small-1", b"x" * 4096, b"small-2"):
+        box.append("inference", lambda _s, p=payload: p, created_us=0)
+
+    async def ignore(*_: object) -> None:
+        return None
+
+    uplink = MqttUplink(
+        LinkConfig("big-dev", "127.0.0.1", port, None, reconnect_min_s=0.05,
+                   reconnect_max_s=0.2),
+        box, on_downlink=ignore, will=lambda: b"", metrics=EdgeMetrics(),
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(0.3)  # the broker binds its port
+        async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as sub:
+            await sub.subscribe("edgeloop/big-dev/up/#", qos=1)
+
+            async def receive() -> None:
+                async for message in sub.messages:
+                    got.append(bytes(message.payload))  # type: ignore[arg-type]
+
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(uplink.run()), tg.create_task(receive())]
+                try:
+                    await until(
+                        lambda: box.depth == 0 and len(got) == 2, 30, "the outbox to settle"
+                    )
+                finally:
+                    for task in tasks:
+                        task.cancel()
+    finally:
+        broker.terminate()
+        await broker.wait()
+    assert got == [b"small-1", b"small-2"]
+    ((row, code, reason),) = box.quarantine()
+    assert (row.seq, code, len(row.payload)) == (2, 0x95, 4096)
+    assert box.quarantined == 1
+    assert uplink.metrics.outbox_quarantined.labels("big-dev", reason)._value.get() == 1
