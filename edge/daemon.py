@@ -29,7 +29,7 @@ from edgeloop.core.logs import get_logger
 from edgeloop.edge.control import ThresholdGate, VerdictCounter
 from edgeloop.edge.inference import InferenceWorker, LoadedModel, SessionConfig, now_us
 from edgeloop.edge.metrics import EdgeMetrics
-from edgeloop.edge.outbox import Outbox
+from edgeloop.edge.outbox import Appended, Outbox, OutboxStorageError
 from edgeloop.edge.pipeline import PendingVerdicts, Pipeline, Preprocessor
 from edgeloop.edge.policy import KIND_OF_NAME, ByteBudget, OffloadPolicy
 from edgeloop.edge.settings import EdgeSettings
@@ -56,6 +56,11 @@ DOWNLINK_SCHEMAS = {
 
 class _DrainedError(Exception):
     """Ends the task group once the run's work is done (exit_when_drained)."""
+
+
+class UndeliveredError(EdgeloopError):
+    """exit_when_drained: the outbox emptied, but not every event was delivered (some
+    were quarantined after a permanent PUBACK refusal)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,7 @@ class EdgeDaemon:
         self.ready = asyncio.Event()
         self.queue: FrameQueue | None = None
         self._produced = 0  # InferenceEvents in the device's lifetime (persisted count)
+        self._quarantined_at_boot = 0
         self._finished = False  # no more frames will be processed in this run
 
     async def run(self) -> None:
@@ -158,6 +164,9 @@ class EdgeDaemon:
                 capacity=s.outbox_capacity,
                 policy=s.outbox_policy,
                 sync=s.outbox_sync,
+                quarantine_capacity=s.quarantine_capacity,
+                max_bytes=s.outbox_max_bytes,
+                reserve_bytes=s.outbox_reserve_bytes,
             )
             try:
                 await self._run(state, outbox, public_key)
@@ -238,6 +247,7 @@ class EdgeDaemon:
             rng=self.rng,
         )
         self._produced = outbox.counter("inference")
+        self._quarantined_at_boot = outbox.quarantined
         queue = FrameQueue(s.frame_queue, self.metrics.frames_dropped.labels(s.device_id).inc)
         self.queue = queue
         self._append_status("ONLINE")
@@ -258,7 +268,13 @@ class EdgeDaemon:
                 if s.exit_when_drained:
                     tg.create_task(self._watch_drained(), name=f"{self.name}-drained")
         except* _DrainedError:
-            log.info("all events acknowledged; exiting", extra={"device": s.device_id})
+            quarantined = outbox.quarantined - self._quarantined_at_boot
+            if quarantined:
+                raise UndeliveredError(
+                    f"outbox drained, but {quarantined} event(s) were refused by the broker "
+                    f"for good and quarantined (table quarantine in {outbox.path})"
+                ) from None
+            log.info("all events delivered; exiting", extra={"device": s.device_id})
 
     def _swap_model(self, model: LoadedModel) -> None:
         if self.pipeline is not None:
@@ -284,6 +300,8 @@ class EdgeDaemon:
         loop = asyncio.get_running_loop()
         s = self.settings
         lost = self.metrics.outbox_lost.labels(s.device_id, s.outbox_policy)
+        unstored_inference = self.metrics.outbox_unstored.labels(s.device_id, "inference")
+        unstored_offload = self.metrics.outbox_unstored.labels(s.device_id, "offload")
         failed = self.metrics.frames_failed
         while not self._done_producing():
             frame = await queue.get()
@@ -299,7 +317,14 @@ class EdgeDaemon:
                 continue
             self.stats.frames += 1
             self._produced += 1
-            lost.inc((0 if outcome.stored else 1) + outcome.evicted)
+            if outcome.unstored:
+                # The inference event is the first append of a frame; any other is its offload.
+                lost_inference = 0 if outcome.stored else 1
+                unstored_inference.inc(lost_inference)
+                unstored_offload.inc(outcome.unstored - lost_inference)
+            else:
+                lost.inc((0 if outcome.stored else 1) + outcome.evicted)
+            self._note_storage()
             uplink.notify()
         # Every frame taken has its events in the outbox: only the uplink has work left.
         self._finished = True
@@ -317,19 +342,52 @@ class EdgeDaemon:
         # Keeps the WAL short (and the disk bounded) whether or not the link is up.
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
-            await asyncio.to_thread(outbox.checkpoint)
+            try:
+                await asyncio.to_thread(outbox.checkpoint)
+            except OutboxStorageError as exc:
+                log.warning(
+                    "checkpoint failed",
+                    extra={"device": self.settings.device_id, "error": str(exc)},
+                )
+            self._note_storage()
+
+    def _note_storage(self) -> None:
+        """Mirror the outbox's storage state in the metric (1 while DEGRADED)."""
+        assert self.outbox is not None
+        degraded = self.outbox.storage_error is not None
+        self.metrics.storage_degraded.labels(self.settings.device_id).set(1 if degraded else 0)
 
     async def _status_ticker(self) -> None:
         while True:
             await asyncio.sleep(self.settings.status_interval_s)
             # SQLite commit: off the loop thread (an fsync with outbox_sync=FULL).
-            await asyncio.to_thread(self._append_status, "ONLINE")
+            done = await asyncio.to_thread(self._append_status, "ONLINE")
+            self._note_storage()
+            if done.error is not None and self.uplink is not None:
+                await self._status_past_the_outbox(self.uplink, done.error)
             if self.uplink is not None:
                 self.uplink.notify()
 
-    def _append_status(self, state: DeviceStateName) -> None:
+    async def _status_past_the_outbox(self, uplink: MqttUplink, cause: str) -> None:
+        """The disk refused the status row: publish it directly, so the cloud learns that
+        this device is DEGRADED while it is (a status is a snapshot; the next one
+        supersedes it, so it is not kept for later)."""
         assert self.outbox is not None
-        self.outbox.append(
+        try:
+            seq = await asyncio.to_thread(self.outbox.reserve_seq)
+        except OutboxStorageError:
+            return  # not even a seq can be stored: the next tick tries again
+        # The cause as the failed write saw it: by now the uplink may have freed space.
+        record = self.status_record("DEGRADED", seq)
+        record["storage_error"] = cause
+        record["last_error"] = f"outbox: {cause}"
+        payload = self.codec.encode(STATUS, dict(record))
+        if not await uplink.publish_now(UplinkKind.STATUS, payload):
+            log.info("DEGRADED status not delivered", extra={"device": self.settings.device_id})
+
+    def _append_status(self, state: DeviceStateName) -> Appended:
+        assert self.outbox is not None
+        return self.outbox.append(
             UplinkKind.STATUS.value,
             lambda seq: self._status_bytes(state, seq),
             created_us=now_us(),
@@ -341,6 +399,12 @@ class EdgeDaemon:
         assert self.state is not None
         applied = self.state.current
         uplink = self.uplink
+        storage_error = self.outbox.storage_error
+        if storage_error is not None and state == "ONLINE":
+            state = "DEGRADED"  # deciding locally, but events are not being stored
+        last_error = applied.last_refusal or (uplink.last_error if uplink else None)
+        if storage_error is not None:
+            last_error = f"outbox: {storage_error}"
         return {
             "event_id": f"{s.device_id}:{seq}",
             "device_id": s.device_id,
@@ -359,7 +423,10 @@ class EdgeDaemon:
             "uptime_s": time.monotonic() - self.stats.started,
             "rtt_ms": uplink.rtt_ms if uplink is not None else None,
             "uplink_bytes_per_s": None,
-            "last_error": applied.last_refusal or (uplink.last_error if uplink else None),
+            "last_error": last_error,
+            "outbox_quarantined": self.outbox.quarantined,
+            "outbox_unstored": self.outbox.unstored,
+            "storage_error": storage_error,
         }
 
     def _status_bytes(self, state: DeviceStateName, seq: int) -> bytes:

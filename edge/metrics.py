@@ -60,13 +60,31 @@ class EdgeMetrics:
             [*d, "policy"],
             registry=r,
         )
+        self.outbox_quarantined = Counter(
+            "edgeloop_edge_outbox_quarantined_total",
+            "Events the broker refused for good (PUBACK reason), moved to the quarantine table",
+            [*d, "reason"],
+            registry=r,
+        )
+        self.outbox_unstored = Counter(
+            "edgeloop_edge_outbox_unstored_total",
+            "Events decided but not stored because the disk refused the write (full, I/O)",
+            [*d, "kind"],
+            registry=r,
+        )
+        self.storage_degraded = Gauge(
+            "edgeloop_edge_storage_degraded",
+            "1 while the outbox's last write failed (the device reports DEGRADED)",
+            d,
+            registry=r,
+        )
         self.published = Counter(
             "edgeloop_edge_published_total", "Events acknowledged by the broker", [*d, "kind"],
             registry=r,
         )  # fmt: skip
         self.publish_rejected = Counter(
             "edgeloop_edge_publish_rejected_total",
-            "Events the broker refused with a PUBACK reason code",
+            "Publishes the broker answered with a PUBACK reason other than 0x00, by reason",
             [*d, "reason"],
             registry=r,
         )

@@ -55,6 +55,7 @@ class Outcome:
     total_us: int
     stored: bool
     evicted: int  # older events the outbox dropped to make room (drop_oldest)
+    unstored: int = 0  # events of this frame the disk refused (inference, offload)
 
 
 class PendingVerdicts:
@@ -154,7 +155,12 @@ class Pipeline:
             created_us=ts,
             count="inference",
         )
-        if verdict.offload_bytes is not None:
+        # A full disk does not stop the decision: the event is counted as unstored. Its
+        # offload request is not attempted (it would name a seq that was never used).
+        unstored = 1 if done.error is not None else 0
+        if verdict.offload_bytes is not None and done.error is not None:
+            unstored += 1
+        elif verdict.offload_bytes is not None:
             payload = verdict.offload_bytes
             request: OffloadRequest = {
                 "event_id": "",
@@ -177,8 +183,10 @@ class Pipeline:
                 lambda seq: self._encode(OFFLOAD, request, seq),
                 created_us=ts,
             )
-            self.pending.add(f"{self.device_id}:{off.seq}", prediction)
-            self._metrics.offload_bytes.labels(self.device_id).inc(len(payload))
+            if off.stored:
+                self.pending.add(f"{self.device_id}:{off.seq}", prediction)
+                self._metrics.offload_bytes.labels(self.device_id).inc(len(payload))
+            unstored += 1 if off.error is not None else 0
         elif verdict.wanted != "LOCAL":
             self._metrics.over_budget.labels(self.device_id, verdict.wanted).inc()
         t4 = time.perf_counter_ns()
@@ -196,6 +204,7 @@ class Pipeline:
             (t4 - t0) // 1000,
             done.stored,
             done.evicted,
+            unstored,
         )
 
     def _encode(self, schema: Any, record: Any, seq: int) -> bytes:

@@ -64,6 +64,15 @@ class EdgeSettings(_Base):
     # NORMAL survives a process crash (kill -9) without loss; FULL also a power cut, at
     # the cost of an fsync per commit.
     outbox_sync: SyncMode = "NORMAL"
+    # Most bytes the outbox database may take on the card (None: what the disk allows).
+    # Reaching it, like a full disk, leaves events unstored and the device DEGRADED.
+    outbox_max_bytes: int | None = Field(None, ge=65_536)
+    # Disk space kept in a file next to the outbox and given back when the disk is full,
+    # so that delivered rows can still be deleted and the WAL checkpointed (0: none).
+    outbox_reserve_bytes: int = Field(1_048_576, ge=0)
+    # Rows the broker refused for good, kept for inspection; past it the oldest goes
+    # (counted as quarantine_dropped).
+    quarantine_capacity: int = Field(10_000, ge=1)
 
     # Uplink: QoS 1 messages in flight per connection (the duplicate window on reconnect).
     publish_window: int = Field(64, ge=1, le=65535)

@@ -4,7 +4,8 @@ Order of a release (each step can refuse; a refusal keeps the running model, is 
 by reason and reported in DeviceStatus.last_error):
 1. stage, cohort, model name, version (strictly newer), target: from the event, before
    any download;
-2. download the artifact dir over HTTP(S) (or file:// for a local store);
+2. download the artifact dir over HTTP(S) (or file:// for a local store), streamed to
+   disk and capped per file after decoding (`edge/download.py`);
 3. the manifest's sha256 must be the one the release names;
 4. `verify_artifact`: signature, file hashes, no unsigned files, target, no rollback
    (min_version = the running version), validity window;
@@ -17,12 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import httpx
 import numpy as np
@@ -30,10 +29,11 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgeloop.artifacts.errors import ArtifactError, VerificationError
-from edgeloop.artifacts.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
+from edgeloop.artifacts.manifest import MANIFEST_NAME, Manifest
 from edgeloop.artifacts.verify import verify_artifact
 from edgeloop.core.errors import ConfigError
 from edgeloop.core.logs import get_logger
+from edgeloop.edge.download import download_artifact
 from edgeloop.edge.inference import LoadedModel, ModelLoadError, SessionConfig, load_model
 from edgeloop.edge.metrics import EdgeMetrics
 from edgeloop.edge.slots import ModelSlots
@@ -45,7 +45,6 @@ log = get_logger(__name__)
 APPLY_STAGES = frozenset({"CANARY", "WAVE", "FULL", "ROLLBACK"})
 # Cohort names a release may use to mean every device.
 FLEET_COHORTS = frozenset({"*", "all", "fleet"})
-MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 
 
 class ReleaseRefusedError(ArtifactError):
@@ -213,44 +212,3 @@ class ModelUpdater:
                    "to": manifest.version},
         )  # fmt: skip
         return model
-
-
-async def download_artifact(url: str, dest: Path, timeout_s: float) -> None:
-    """Fetch `<url>/manifest.json`, the signature and every listed file into `dest`.
-
-    The manifest is read only to know what to fetch; nothing is trusted until verified.
-    """
-    await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        src = Path(unquote(parsed.path))
-        manifest = Manifest.from_bytes(await asyncio.to_thread((src / MANIFEST_NAME).read_bytes))
-        for name in (MANIFEST_NAME, SIGNATURE_NAME, *(f.path for f in manifest.files)):
-            await asyncio.to_thread(_write, dest / name, None, src / name)
-        return
-    if parsed.scheme not in ("http", "https"):
-        raise ReleaseRefusedError(f"artifact url {url!r}: use http(s):// or file://", reason="url")
-    base = url.rstrip("/")
-    async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=True) as client:
-
-        async def get(name: str) -> bytes:
-            resp = await client.get(f"{base}/{name}")
-            if resp.status_code != 200:
-                raise ArtifactError(f"GET {base}/{name}: HTTP {resp.status_code}")
-            if len(resp.content) > MAX_ARTIFACT_BYTES:
-                raise ArtifactError(f"GET {base}/{name}: over {MAX_ARTIFACT_BYTES} bytes")
-            return resp.content
-
-        data = await get(MANIFEST_NAME)
-        manifest = Manifest.from_bytes(data)
-        await asyncio.to_thread(_write, dest / MANIFEST_NAME, data)
-        for name in (SIGNATURE_NAME, *(f.path for f in manifest.files)):
-            await asyncio.to_thread(_write, dest / name, await get(name))
-
-
-def _write(path: Path, data: bytes | None, copy_from: Path | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if copy_from is not None:
-        shutil.copyfile(copy_from, path)
-    else:
-        path.write_bytes(data or b"")

@@ -6,9 +6,15 @@
   all (QoS 1, pipelined on one connection, so the broker keeps their order), waits for
   every PUBACK and deletes the batch in one transaction. A reconnect starts again from
   the oldest row still stored: at most one window is sent twice.
-- A PUBACK's reason code is checked (aiomqtt drops it, so we read it from the paho client
-  underneath): "not authorized" means the certificate is not this device's, which no
-  retry fixes; the service stops with that error and the rows stay stored.
+- A PUBACK's reason code decides the row's fate (aiomqtt drops it, so we read it from
+  the paho client underneath; the table is in `edge/puback.py`): 0x00 deletes it;
+  0x10 "no matching subscribers" and transient refusals keep it and the window is sent
+  again after a backoff (from the oldest kept row); permanent refusals move it to the
+  outbox's quarantine. "Not authorized" means the certificate is not this device's,
+  which no retry fixes; the service stops with that error and the rows stay stored.
+- Delivered and quarantined rows are settled in one transaction. When the disk refuses
+  even that, they are kept in memory and settled with the next window (a restart in
+  between re-sends them: duplicates, bounded by the window, never a loss).
 - The last will is a DeviceStatus OFFLINE on the status topic.
 - Downlink: the device's `down/#` topics with a persistent session (verdicts queue while
   it is offline), bounded by the MQTT 5 Receive Maximum.
@@ -31,13 +37,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeloop.core.errors import EdgeloopError
 from edgeloop.core.logs import get_logger
+from edgeloop.edge import paho_compat
 from edgeloop.edge.metrics import EdgeMetrics
-from edgeloop.edge.outbox import Outbox, Row
+from edgeloop.edge.outbox import Outbox, OutboxStorageError, Refusal, Row
+from edgeloop.edge.puback import Disposition, classify, reason_name
 from edgeloop.schemas.topics import DownlinkKind, UplinkKind, mqtt_downlink, mqtt_uplink
 
 log = get_logger(__name__)
 
-NOT_AUTHORIZED = 0x87
 RECEIVE_MAXIMUM = 16
 ACK_TIMEOUT_S = 30.0
 GOODBYE_TIMEOUT_S = 2.0
@@ -107,8 +114,13 @@ class MqttUplink:
         self.impairment = impairment or Impairment()
         self.rng = rng or random.Random()  # noqa: S311 - jitter and audit draws, not secrets
         self.name = f"uplink-{config.device_id}"
+        # So that a PUBACK 0x95 (Mosquitto's "packet too large") reaches us at all.
+        paho_compat.install()
         self._wake = asyncio.Event()
         self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
+        self._client_now: aiomqtt.Client | None = None
+        # Settled on the broker, not yet on disk (the disk refused the write).
+        self._unsettled: tuple[list[int], list[Refusal]] = ([], [])
         self.connected = asyncio.Event()
         self.last_error: str | None = None
         self.rtt_ms: float | None = None
@@ -157,9 +169,14 @@ class MqttUplink:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = cfg.session_expiry_s
         props.ReceiveMaximum = RECEIVE_MAXIMUM
-        will = aiomqtt.Will(
-            mqtt_uplink(cfg.device_id, UplinkKind.STATUS), self.will(), qos=1, retain=False
-        )
+        try:
+            will: aiomqtt.Will | None = aiomqtt.Will(
+                mqtt_uplink(cfg.device_id, UplinkKind.STATUS), self.will(), qos=1, retain=False
+            )
+        except OutboxStorageError as exc:
+            # The will's seq is reserved on disk; on a full disk connect without one.
+            log.warning("no last will (disk)", extra={"device": cfg.device_id, "error": str(exc)})
+            will = None
         return aiomqtt.Client(
             cfg.host,
             cfg.port,
@@ -172,7 +189,8 @@ class MqttUplink:
             keepalive=cfg.keepalive_s,
             timeout=cfg.connect_timeout_s,
             max_inflight_messages=cfg.window,
-            # Larger than Receive Maximum, so aiomqtt never discards a message (trials.md).
+            # Larger than Receive Maximum: when its bounded queue is full aiomqtt 2.x
+            # discards an incoming message ("Message queue is full"), so it never may be.
             max_queued_incoming_messages=RECEIVE_MAXIMUM * 4,
         )
 
@@ -186,6 +204,7 @@ class MqttUplink:
             await client.subscribe([(mqtt_downlink(cfg.device_id, k), 1) for k in DownlinkKind])
             self.connected.set()
             self._m_connected.set(1)
+            self._client_now = client
             self.last_error = None
             log.info("mqtt connected", extra={"device": cfg.device_id, "rtt_ms": self.rtt_ms})
             try:
@@ -193,6 +212,8 @@ class MqttUplink:
             except asyncio.CancelledError:
                 await self._goodbye(client)
                 raise
+            finally:
+                self._client_now = None
 
     async def _connected_tasks(self, client: aiomqtt.Client) -> None:
         # Unwrap the task group's exception group: callers decide on the one cause.
@@ -219,8 +240,37 @@ class MqttUplink:
                 fut: asyncio.Future[ReasonCode] = asyncio.get_running_loop().create_future()
                 self._acks[info.mid] = fut
                 await fut
-        except (TimeoutError, asyncio.CancelledError, aiomqtt.MqttError, OSError):
+        except (
+            TimeoutError,
+            asyncio.CancelledError,
+            aiomqtt.MqttError,
+            OSError,
+            OutboxStorageError,
+        ):
             log.info("no OFFLINE status sent at shutdown", extra={"device": self.config.device_id})
+
+    async def publish_now(self, kind: UplinkKind, payload: bytes) -> bool:
+        """Publish one event that is not in the outbox (a status while the disk is full).
+
+        Returns:
+            True when the broker answered 0x00; False when not connected, refused, or no
+            PUBACK came within ACK_TIMEOUT_S. Never raises for the link's state.
+        """
+        client = self._client_now
+        if client is None:
+            return False
+        info = client._client.publish(mqtt_uplink(self.config.device_id, kind), payload, qos=1)
+        if info.rc != 0:
+            return False
+        fut: asyncio.Future[ReasonCode] = asyncio.get_running_loop().create_future()
+        self._acks[info.mid] = fut
+        # asyncio.wait, not await: a dropped connection cancels `fut`, which must read
+        # as "not delivered" here, not as this task being cancelled.
+        await asyncio.wait({fut}, timeout=ACK_TIMEOUT_S)
+        if not fut.done() or fut.cancelled():
+            self._acks.pop(info.mid, None)
+            return False
+        return classify(fut.result().value) is Disposition.DELIVERED
 
     async def _watch_partition(self) -> None:
         while not self.impairment.partitioned():  # noqa: ASYNC110 - a deadline set by the simulator
@@ -250,9 +300,8 @@ class MqttUplink:
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         cfg = self.config
-        paho = client._client
-        loop = asyncio.get_running_loop()
         cursor = 0
+        attempt = 0  # consecutive windows with a row to send again
         while True:
             # SQLite off the loop thread: the inference thread may hold the outbox lock
             # for a commit (an fsync with outbox_sync=FULL).
@@ -266,47 +315,100 @@ class MqttUplink:
                     continue
             if self.impairment.latency_s:
                 await asyncio.sleep(self.impairment.latency_s)
-            futures: list[tuple[Row, asyncio.Future[ReasonCode]]] = []
-            for row in rows:
-                info = paho.publish(
-                    mqtt_uplink(cfg.device_id, UplinkKind(row.kind)), row.payload, qos=1
-                )
-                if info.rc != 0:
-                    raise aiomqtt.MqttCodeError(info.rc, "could not publish")
-                fut: asyncio.Future[ReasonCode] = loop.create_future()
-                self._acks[info.mid] = fut
-                futures.append((row, fut))
-            acked: list[int] = []
-            async with asyncio.timeout(ACK_TIMEOUT_S):
-                for row, fut in futures:
-                    rc = await fut
-                    if rc.is_failure:
-                        self._refused(row, rc)
-                    else:
-                        self.metrics.published.labels(cfg.device_id, row.kind).inc()
-                    acked.append(row.seq)
-            now = time.time_ns() // 1000
-            for row in rows:
-                self.metrics.publish_latency.labels(cfg.device_id).observe(
-                    max(0, now - row.created_us) / 1e6
-                )
-            await asyncio.to_thread(self.outbox.ack, acked)
-            cursor = rows[-1].seq
+            retry = await self._send_window(client, rows)
             self._m_depth.set(self.outbox.depth)
+            if retry is None:
+                cursor, attempt = rows[-1].seq, 0
+                continue
+            # Sent again from the oldest row kept, after a backoff: a broker that drops
+            # (no subscriber yet) or is busy is not hammered, and the rows behind wait
+            # so per-device order holds for everything delivered from here on.
+            cursor = retry - 1
+            await asyncio.sleep(
+                backoff_s(attempt, cfg.reconnect_min_s, cfg.reconnect_max_s, self.rng)
+            )
+            attempt += 1
 
-    def _refused(self, row: Row, rc: ReasonCode) -> None:
-        self.metrics.publish_rejected.labels(self.config.device_id, rc.getName()).inc()
-        if rc.value == NOT_AUTHORIZED:
+    async def _send_window(self, client: aiomqtt.Client, rows: list[Row]) -> int | None:
+        """Publish `rows`, wait for every PUBACK, settle them by reason code.
+
+        Returns:
+            The seq of the oldest row to send again, or None when none is kept.
+
+        Raises:
+            UplinkRejectedError: the broker said "not authorized" (after settling the rest).
+        """
+        cfg = self.config
+        paho = client._client
+        loop = asyncio.get_running_loop()
+        futures: list[tuple[Row, asyncio.Future[ReasonCode]]] = []
+        for row in rows:
+            info = paho.publish(
+                mqtt_uplink(cfg.device_id, UplinkKind(row.kind)), row.payload, qos=1
+            )
+            if info.rc != 0:
+                raise aiomqtt.MqttCodeError(info.rc, "could not publish")
+            fut: asyncio.Future[ReasonCode] = loop.create_future()
+            self._acks[info.mid] = fut
+            futures.append((row, fut))
+        delivered, refused = self._unsettled
+        retry: list[Row] = []
+        retry_reasons: set[str] = set()
+        rejected: Row | None = None
+        now = time.time_ns() // 1000
+        async with asyncio.timeout(ACK_TIMEOUT_S):
+            for row, fut in futures:
+                code = (await fut).value
+                disposition = classify(code)
+                if disposition is Disposition.DELIVERED:
+                    self.metrics.published.labels(cfg.device_id, row.kind).inc()
+                    self.metrics.publish_latency.labels(cfg.device_id).observe(
+                        max(0, now - row.created_us) / 1e6
+                    )
+                    delivered.append(row.seq)
+                    continue
+                self.metrics.publish_rejected.labels(cfg.device_id, reason_name(code)).inc()
+                if disposition is Disposition.QUARANTINE:
+                    refused.append(Refusal(row.seq, code, reason_name(code)))
+                    self.metrics.outbox_quarantined.labels(cfg.device_id, reason_name(code)).inc()
+                    log.error(
+                        "broker refused an event for good; quarantined",
+                        extra={"device": cfg.device_id, "seq": row.seq, "kind": row.kind,
+                               "reason": reason_name(code)},
+                    )  # fmt: skip
+                elif disposition is Disposition.IDENTITY:
+                    rejected = rejected or row
+                else:
+                    retry.append(row)
+                    retry_reasons.add(reason_name(code))
+        await self._settle(delivered, refused)
+        if rejected is not None:
             raise UplinkRejectedError(
-                f"the broker refused {self.config.device_id}'s publish to its own topics as "
+                f"the broker refused {cfg.device_id}'s publish to its own topics as "
                 "not authorized: the client certificate's CN must be the device id"
             )
-        # Any other refusal (payload too large, ...) fails the same way every time; the
-        # row is counted and dropped so the rows behind it can go.
-        log.error(
-            "broker refused an event; dropped",
-            extra={"device": self.config.device_id, "seq": row.seq, "reason": rc.getName()},
-        )
+        if not retry:
+            return None
+        self.last_error = f"publish: {len(retry)} event(s) kept: {', '.join(sorted(retry_reasons))}"
+        log.info(
+            "broker did not deliver; rows kept, sending again after a backoff",
+            extra={"device": cfg.device_id, "kept": len(retry), "first_seq": retry[0].seq,
+                   "why": self.last_error},
+        )  # fmt: skip
+        return retry[0].seq
+
+    async def _settle(self, delivered: list[int], refused: list[Refusal]) -> None:
+        try:
+            await asyncio.to_thread(self.outbox.settle, delivered, refused)
+        except OutboxStorageError as exc:
+            # Kept for the next window; the rows stay on disk meanwhile (never a loss).
+            self._unsettled = (delivered, refused)
+            log.warning(
+                "could not delete delivered rows (disk); kept for the next window",
+                extra={"device": self.config.device_id, "error": str(exc)},
+            )
+            return
+        self._unsettled = ([], [])
 
     async def _receive_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -97,6 +97,9 @@ class DeviceStatus(TypedDict):
     rtt_ms: float | None
     uplink_bytes_per_s: float | None
     last_error: str | None
+    outbox_quarantined: int
+    outbox_unstored: int
+    storage_error: str | None
 
 
 class HardExample(TypedDict):

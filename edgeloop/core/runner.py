@@ -3,19 +3,35 @@
 A service is any object with `name` and `async def run(self) -> None` that runs until it
 is cancelled and releases its resources in `finally`. The runner gives every service the
 same shutdown deadline and turns a crash of any one of them into a non-zero exit.
+
+Shutdown is bounded. The services are plain tasks, not a `TaskGroup`: a task group waits
+without bound for a child that swallows its cancellation, so a deadline around it does
+not hold. After the deadline the runner stops waiting, names the services still running
+and ends the process (`force_exit`); a second SIGINT/SIGTERM during the shutdown ends it
+at once. Neither waits on the stuck task, which may be blocked in a thread or in a loop
+that ignores cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import signal
-from collections.abc import Sequence
-from typing import Protocol
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from edgeloop.core.errors import ServiceCrashedError
 from edgeloop.core.logs import get_logger
 
 log = get_logger(__name__)
+
+# Exit statuses of a forced exit: the shell's convention for "killed by SIGINT", and 1
+# for a shutdown that overran its deadline (a failure, like a crash).
+EXIT_SECOND_SIGNAL = 128 + signal.SIGINT
+EXIT_SHUTDOWN_TIMEOUT = 1
 
 
 class Service(Protocol):
@@ -24,67 +40,185 @@ class Service(Protocol):
     async def run(self) -> None: ...
 
 
-class _StopRequestedError(Exception):
-    """Raised inside the task group to cancel every service on a signal."""
+class ShutdownTimeoutError(ServiceCrashedError):
+    """Services did not stop within the shutdown deadline (or a second signal came first).
+
+    `stuck` names them; their tasks were abandoned, not awaited.
+    """
+
+    def __init__(self, message: str, *, stuck: list[str]) -> None:
+        super().__init__(message)
+        self.stuck = stuck
 
 
-async def run_services(services: Sequence[Service], shutdown_timeout_s: float = 10.0) -> None:
-    """Run `services` concurrently. Returns after SIGINT/SIGTERM once all have stopped.
+def exit_process(code: int) -> None:
+    """End the process now: flush the logs and standard streams, then `os._exit`.
 
-    Raises ServiceCrashedError when one service fails (the others are cancelled first),
-    or when the services did not stop within `shutdown_timeout_s` after a signal.
+    `sys.exit` is not enough: `asyncio.run` would first cancel and await every task left,
+    including the one that ignores cancellation, and join the default executor's threads.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+async def run_services(
+    services: Sequence[Service],
+    shutdown_timeout_s: float = 10.0,
+    *,
+    force_exit: Callable[[int], None] | None = exit_process,
+) -> None:
+    """Run `services` concurrently until a signal, a crash, or until all have finished.
+
+    On the first SIGINT/SIGTERM every service is cancelled and given `shutdown_timeout_s`
+    to stop. A service that crashes cancels the others the same way.
+
+    Args:
+        services: objects with `name` and `async def run()`.
+        shutdown_timeout_s: how long the services together get to stop after a signal
+            or a crash.
+        force_exit: called with an exit status when the shutdown overruns its deadline
+            (`EXIT_SHUTDOWN_TIMEOUT`) or a second signal arrives during it
+            (`EXIT_SECOND_SIGNAL`); the default ends the process at once. None (or a
+            callable that returns) makes the runner raise instead, leaving the stuck
+            tasks to the caller.
+
+    Returns:
+        After a signal once every service has stopped, or when all finished by themselves.
+
+    Raises:
+        ServiceCrashedError: a service failed (the others were stopped first).
+        ShutdownTimeoutError: services did not stop within `shutdown_timeout_s`, or a
+            second signal came before they did; the message names them.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    force = asyncio.Event()
     installed: list[signal.Signals] = []
+
+    def on_signal() -> None:
+        if stop.is_set():
+            force.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
             installed.append(sig)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
 
-    async def supervised(service: Service) -> None:
-        log.info("service starting", extra={"service": service.name})
-        try:
-            await service.run()
-        except asyncio.CancelledError:
-            log.info("service stopped", extra={"service": service.name})
-            raise
-        except Exception as exc:
-            log.exception("service crashed", extra={"service": service.name})
-            raise ServiceCrashedError(f"service {service.name!r} crashed: {exc!r}") from exc
-        # A service that returns on its own is finished work, not a crash.
-        log.info("service finished", extra={"service": service.name})
-
+    tasks = [asyncio.create_task(_supervised(s), name=s.name) for s in services]
     try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(supervised(s), name=s.name) for s in services]
-
-            async def watch_stop() -> None:
-                await stop.wait()
-                log.info("shutdown requested", extra={"timeout_s": shutdown_timeout_s})
-                for task in tasks:
-                    task.cancel()
-                _, pending = await asyncio.wait(tasks, timeout=shutdown_timeout_s)
-                if pending:
-                    names = ", ".join(sorted(t.get_name() for t in pending))
-                    raise ServiceCrashedError(  # noqa: TRY301 - fails the task group on purpose
-                        f"services did not stop within {shutdown_timeout_s}s of the shutdown "
-                        f"signal: {names}"
-                    )
-                raise _StopRequestedError  # noqa: TRY301 - unwinds the task group on purpose
-
-            watcher = tg.create_task(watch_stop(), name="watch_stop")
-            if tasks:
-                await asyncio.wait(tasks)
-            if not stop.is_set():
-                # Every service finished by itself: nothing left to wait a signal for.
-                watcher.cancel()
-    except* _StopRequestedError:
-        pass
-    except* ServiceCrashedError as group:
-        raise group.exceptions[0] from None
+        try:
+            crash = await _until_stop_or_crash(tasks, stop)
+        except asyncio.CancelledError:
+            # Cancelled from outside: the services get the same bounded shutdown.
+            await _stop_all(tasks, force, shutdown_timeout_s, None)
+            raise
+        if stop.is_set():
+            log.info("shutdown requested", extra={"timeout_s": shutdown_timeout_s})
+        await _stop_all(tasks, force, shutdown_timeout_s, force_exit)
+        crash = crash or _first_crash(tasks)
+        if crash is not None:
+            raise crash
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+async def _stop_all(
+    tasks: list[asyncio.Task[None]],
+    force: asyncio.Event,
+    timeout_s: float,
+    force_exit: Callable[[int], None] | None,
+) -> None:
+    """Cancel what still runs and wait for it, within `timeout_s` and until `force`."""
+    running = [t for t in tasks if not t.done()]
+    for task in running:
+        task.cancel()
+    stuck, forced = await _wait_bounded(running, force, timeout_s)
+    if not stuck:
+        return
+    names = sorted(t.get_name() for t in stuck)
+    why = "a second signal came" if forced else f"they did not stop within {timeout_s}s"
+    message = f"shutdown abandoned services ({why}): {', '.join(names)}"
+    log.error(message, extra={"stuck": ",".join(names)})
+    if force_exit is not None:
+        force_exit(EXIT_SECOND_SIGNAL if forced else EXIT_SHUTDOWN_TIMEOUT)
+    raise ShutdownTimeoutError(message, stuck=names)
+
+
+async def _supervised(service: Service) -> None:
+    log.info("service starting", extra={"service": service.name})
+    try:
+        await service.run()
+    except asyncio.CancelledError:
+        log.info("service stopped", extra={"service": service.name})
+        raise
+    except Exception as exc:
+        log.exception("service crashed", extra={"service": service.name})
+        raise ServiceCrashedError(f"service {service.name!r} crashed: {exc!r}") from exc
+    # A service that returns on its own is finished work, not a crash.
+    log.info("service finished", extra={"service": service.name})
+
+
+async def _until_stop_or_crash(
+    tasks: list[asyncio.Task[None]], stop: asyncio.Event
+) -> ServiceCrashedError | None:
+    """Wait until a signal, a crash, or every task is done; the crash, if one."""
+    stopper = asyncio.create_task(stop.wait(), name="runner-stop")
+    try:
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        while pending and not stop.is_set():
+            done, pending = await asyncio.wait(
+                pending | {stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(stopper)
+            if (crash := _first_crash([t for t in tasks if t in done])) is not None:
+                return crash
+        return None
+    finally:
+        stopper.cancel()
+
+
+async def _wait_bounded(
+    running: list[asyncio.Task[None]], force: asyncio.Event, timeout_s: float
+) -> tuple[list[asyncio.Task[None]], bool]:
+    """Wait for `running` to finish, at most `timeout_s` and only until `force` is set.
+
+    Returns the tasks still running and whether `force` ended the wait.
+    """
+    forcer = asyncio.create_task(force.wait(), name="runner-force")
+    deadline = loop_time() + timeout_s
+    pending: set[asyncio.Future[Any]] = set(running)
+    try:
+        while pending and not force.is_set():
+            left = deadline - loop_time()
+            if left <= 0:
+                break
+            _, pending = await asyncio.wait(
+                pending | {forcer}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(forcer)
+    finally:
+        forcer.cancel()
+    return [t for t in running if not t.done()], force.is_set()
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _first_crash(tasks: list[asyncio.Task[None]]) -> ServiceCrashedError | None:
+    """The first crash among finished tasks (every exception is retrieved, so asyncio
+    logs no "exception was never retrieved" for the others)."""
+    found: ServiceCrashedError | None = None
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            exc = task.exception()
+            if found is None and isinstance(exc, ServiceCrashedError):
+                found = exc
+    return found

@@ -270,11 +270,7 @@ class ApacheKafkaBroker(KafkaBroker):
                 [
                     *base,
                     "kafka.tools.StorageTool",
-                    "format",
-                    "-t",
-                    kafka_jvm.new_cluster_id(),
-                    "-c",
-                    str(props),
+                    *kafka_jvm.storage_format_argv(kafka_jvm.new_cluster_id(), props),
                 ],
                 self.workdir / "kafka-format.log",
             )

@@ -15,6 +15,7 @@ import base64
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from edgeloop.core.errors import InfraError
@@ -148,9 +149,43 @@ async def kafka_classpath(cache_dir: Path, timeout_s: float = 600.0) -> str:
     )
 
 
-def new_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 chars)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+# Ids Kafka reserves (`org.apache.kafka.common.Uuid`): ZERO_UUID and METADATA_TOPIC_ID.
+_RESERVED_IDS = frozenset({bytes(16), bytes(15) + b"\x01"})
+
+
+def _random_uuid_bytes() -> bytes:
+    return uuid.uuid4().bytes
+
+
+def new_cluster_id(draw: Callable[[], bytes] = _random_uuid_bytes) -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 chars).
+
+    About 1 in 64 draws encodes to a string that begins with `-`, which a command-line
+    parser reads as an option (`kafka-storage: error: argument --cluster-id/-t: expected
+    one argument`). Such draws are redrawn, as Kafka's own `Uuid.randomUuid()` (behind
+    `kafka-storage random-uuid`) does, and so are the ids Kafka reserves.
+
+    Args:
+        draw: the source of 16 random bytes (tests pass a scripted one).
+
+    Returns:
+        An id that `kafka.tools.StorageTool format` accepts and that no parser mistakes
+        for an option.
+    """
+    while True:
+        raw = draw()
+        cid = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        if raw not in _RESERVED_IDS and not cid.startswith("-"):
+            return cid
+
+
+def storage_format_argv(cluster_id: str, config: Path) -> list[str]:
+    """The arguments of `kafka.tools.StorageTool` that format a KRaft log dir.
+
+    Values are attached to their options (`--opt=value`): a generated value that begins
+    with `-` is then still a value, never read as an option.
+    """
+    return ["format", f"--cluster-id={cluster_id}", f"--config={config}"]
 
 
 def render_server_properties(

@@ -227,7 +227,10 @@ class Mosquitto(ManagedServer):
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(24))
+                # Hex, not URL-safe base64: it is passed on command lines (mosquitto_pub
+                # -P in the bench), and a value that starts with `-` is one an option
+                # parser can take for an option; hex never does.
+                fh.write(secrets.token_hex(24))
         return SecretStr(path.read_text().strip())
 
     def prepare(self) -> Path:

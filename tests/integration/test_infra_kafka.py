@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -65,7 +67,7 @@ async def test_produce_and_consume(kafka_broker: KafkaBroker) -> None:
 
 
 async def test_idempotence_detection_matches_the_broker(kafka_broker: KafkaBroker) -> None:
-    # notes/trials.md: Tansu 0.6 refuses InitProducerId; Apache Kafka grants it.
+    # Measured: Tansu 0.6 answers InitProducerId with UnknownError; Apache Kafka grants it.
     expected = {"tansu": False, "apache": True}[kafka_broker.flavor]
     assert kafka_broker.supports_idempotence is expected
 
@@ -99,3 +101,36 @@ async def test_broker_serves_again_after_kill_9(
         expected, first_key=11 - len(expected)
     )
     assert broker.supports_idempotence is (kafka_flavor == "apache")
+
+
+async def test_storage_tool_formats_with_a_cluster_id_that_starts_with_a_dash(
+    tmp_path: Path, kafka_cache: Path
+) -> None:
+    """The real `kafka.tools.StorageTool` accepts a dash-led id in the launcher's argv
+    (the old `-t <id>` spelling failed: "argument --cluster-id/-t: expected one argument")."""
+    import base64
+
+    from edgeloop.infra import kafka_jvm
+    from edgeloop.infra.ports import free_ports
+
+    dash_id = base64.urlsafe_b64encode(b"\xf8" + bytes(range(1, 16))).decode().rstrip("=")
+    assert dash_id.startswith("-")
+    java = kafka_jvm.find_java()
+    classpath = await kafka_jvm.kafka_classpath(kafka_cache)
+    port, controller = free_ports(2)
+    props = tmp_path / "server.properties"
+    props.write_text(
+        kafka_jvm.render_server_properties(
+            data_dir=tmp_path / "data", port=port, controller_port=controller
+        )
+    )
+    proc = await asyncio.create_subprocess_exec(
+        java, *kafka_jvm.jvm_options(128), "-cp", classpath, "kafka.tools.StorageTool",
+        *kafka_jvm.storage_format_argv(dash_id, props),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(120):
+        out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+    meta = (tmp_path / "data" / "meta.properties").read_text()
+    assert f"cluster.id={dash_id}" in meta

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgeloop.core.errors import ConfigError
-from edgeloop.edge.outbox import Outbox
+from edgeloop.edge.outbox import SPARE_SEQS, Outbox
 
 
 def fill(box: Outbox, n: int, kind: str = "inference") -> list[int]:
@@ -72,7 +72,28 @@ def test_reject_new_when_full_is_counted(tmp_path: Path) -> None:
 def test_reserved_seq_is_never_reused(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", capacity=10)
     assert box.reserve_seq() == 1
-    assert fill(box, 1) == [2]
+    # The spare seqs set aside with it (for statuses on a full disk) are not reused either.
+    assert fill(box, 1) == [2 + SPARE_SEQS]
+    box.close()
+    assert fill(Outbox(tmp_path / "o.db", capacity=10), 1) == [3 + SPARE_SEQS]
+
+
+def test_a_full_disk_still_gives_a_status_a_seq(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgeloop.edge.outbox import OutboxStorageError
+
+    box = Outbox(tmp_path / "o.db", capacity=100)
+    first = box.reserve_seq()
+
+    def disk_full(_body: object) -> None:  # what a full tmpfs does to every write
+        raise OutboxStorageError("database or disk is full")
+
+    monkeypatch.setattr(box, "_transaction", disk_full)
+    spares = [box.reserve_seq() for _ in range(SPARE_SEQS)]
+    assert spares == list(range(first + 1, first + 1 + SPARE_SEQS))
+    with pytest.raises(OutboxStorageError):
+        box.reserve_seq()  # spares spent: the caller skips this status
 
 
 def test_a_failing_encoder_stores_nothing(tmp_path: Path) -> None:
@@ -102,3 +123,49 @@ def test_one_daemon_per_state_dir(tmp_path: Path) -> None:
         pass
     with _exclusive(tmp_path):  # released on exit
         pass
+
+
+def test_a_full_database_leaves_events_unstored_counted_and_storing_resumes(
+    tmp_path: Path,
+) -> None:
+    # PRAGMA max_page_count under the hood: SQLite answers SQLITE_FULL and rolls the
+    # transaction back itself, as on a full SD card.
+    box = Outbox(tmp_path / "o.db", capacity=100_000, max_bytes=64 * 1024)
+    results = [
+        box.append("inference", lambda s: b"x" * 200, created_us=0, count="inference")
+        for _ in range(1000)
+    ]
+    stored = [r for r in results if r.stored]
+    refused = [r for r in results if not r.stored]
+    assert stored and refused  # the cap was reached, and appending never raised
+    assert all(r.error is not None and "full" in r.error for r in refused)
+    assert box.unstored == len(refused)
+    assert box.storage_error is not None and "SQLITE_FULL" in box.storage_error
+    # A refused event used no seq: what is stored is gap-free.
+    assert [r.seq for r in box.peek(0, 10_000)] == list(range(1, len(stored) + 1))
+    assert box.counter("inference") == len(stored)
+
+    # Space frees (the uplink delivered and deleted rows, the daemon's checkpointer ran):
+    # storing resumes by itself.
+    assert box.ack(r.seq for r in box.peek(0, 50)) == 50
+    box.checkpoint()
+    again = box.append("inference", lambda s: b"x" * 200, created_us=0)
+    assert again.stored and again.seq == len(stored) + 1
+    assert box.storage_error is None
+    box.close()
+    # The count of unstored events reached the disk with the first write that succeeded.
+    assert Outbox(tmp_path / "o.db", capacity=100_000).unstored == len(refused)
+
+
+def test_other_writes_on_a_full_database_raise_the_real_error(tmp_path: Path) -> None:
+    from edgeloop.edge.outbox import OutboxStorageError, Refusal
+
+    box = Outbox(tmp_path / "o.db", capacity=100_000, max_bytes=64 * 1024)
+    while box.append("inference", lambda s: b"x" * 500, created_us=0).stored:
+        pass
+    # Quarantining copies a row: it needs pages the cap does not have.
+    big = [Refusal(r.seq, 0x95, "Packet too large") for r in box.peek(0, 100)]
+    with pytest.raises(OutboxStorageError, match="full") as err:
+        box.settle([], big)
+    assert err.value.retriable
+    assert box.quarantined == 0 and box.depth == len(box.peek(0, 10_000))

@@ -107,6 +107,46 @@ def test_cluster_id_is_16_bytes_urlsafe() -> None:
     assert kafka_jvm.new_cluster_id() != cid
 
 
+# A first byte 0xF8..0xFB encodes to "-" in URL-safe base64: about 1 draw in 64.
+DASH_FIRST = b"\xf8" + bytes(range(1, 16))
+
+
+def test_a_draw_that_would_start_with_a_dash_is_redrawn() -> None:
+    assert base64.urlsafe_b64encode(DASH_FIRST).decode().startswith("-")
+    draws = iter([DASH_FIRST, bytes(16), b"\x01" * 16])
+    cid = kafka_jvm.new_cluster_id(lambda: next(draws))
+    # Neither the dash nor Kafka's reserved all-zero id: the third draw.
+    assert cid == base64.urlsafe_b64encode(b"\x01" * 16).decode().rstrip("=")
+
+
+def test_storage_format_keeps_a_dash_led_cluster_id_a_value(tmp_path: Path) -> None:
+    import argparse
+
+    dash_id = base64.urlsafe_b64encode(DASH_FIRST).decode().rstrip("=")
+    argv = kafka_jvm.storage_format_argv(dash_id, tmp_path / "server.properties")
+    # The storage tool's parser (argparse4j) follows Python's argparse: parsed the same
+    # way, the id must come back as the value of --cluster-id, not as an unknown option.
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("command")
+    parser.add_argument("--cluster-id", "-t", required=True)
+    parser.add_argument("--config", "-c", required=True)
+    parsed = parser.parse_args(argv)
+    assert parsed.cluster_id == dash_id
+    assert parsed.config == str(tmp_path / "server.properties")
+
+
+def test_generated_cloud_password_never_starts_with_a_dash(tmp_path: Path) -> None:
+    from edgeloop.infra.mosquitto import Mosquitto
+
+    broker = Mosquitto(tmp_path, DevPki(tmp_path / "pki"))
+    passwords = []
+    for _ in range(500):
+        (tmp_path / "cloud.password").unlink(missing_ok=True)
+        passwords.append(broker._cloud_password().get_secret_value())
+    # 500 URL-safe base64 draws would start with "-" at least once (p > 99.9%).
+    assert not [p for p in passwords if p.startswith("-")]
+
+
 async def test_cached_classpath_is_reused_while_its_jars_exist(tmp_path: Path) -> None:
     jars = [tmp_path / f"j{i}.jar" for i in range(3)]
     for jar in jars:

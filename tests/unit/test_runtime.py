@@ -18,7 +18,12 @@ from prometheus_client import CollectorRegistry, Counter
 from edgeloop.core.errors import ServiceCrashedError
 from edgeloop.core.logs import JsonFormatter, KeyValueFormatter
 from edgeloop.core.metrics import serve_metrics
-from edgeloop.core.runner import run_services
+from edgeloop.core.runner import (
+    EXIT_SECOND_SIGNAL,
+    EXIT_SHUTDOWN_TIMEOUT,
+    ShutdownTimeoutError,
+    run_services,
+)
 from edgeloop.core.settings import KafkaSettings, RegistrySettings
 
 
@@ -80,7 +85,95 @@ async def test_a_service_that_ignores_shutdown_is_reported() -> None:
 
     asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
     with pytest.raises(ServiceCrashedError, match="did not stop within"):
-        await run_services([Stubborn()], shutdown_timeout_s=0.1)
+        await run_services([Stubborn()], shutdown_timeout_s=0.1, force_exit=None)
+
+
+class Swallower:
+    """A stubborn service: catches its cancellation and keeps sleeping (3 s), as a service
+    blocked in a loop that ignores CancelledError would."""
+
+    def __init__(self, name: str = "stubborn", stuck_for_s: float = 3.0) -> None:
+        self.name = name
+        self.stuck_for_s = stuck_for_s
+        self.cancelled = asyncio.Event()
+        self.finished = False
+
+    async def run(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            await asyncio.sleep(self.stuck_for_s)  # swallows the cancellation
+        finally:
+            self.finished = True
+
+
+async def test_the_shutdown_timeout_holds_against_a_service_that_swallows_cancellation() -> None:
+    stubborn, polite = Swallower(), Worker("polite")
+    exits: list[int] = []
+    asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
+    with pytest.raises(ShutdownTimeoutError, match=r"did not stop within 0\.2s") as err:
+        await run_services([stubborn, polite], shutdown_timeout_s=0.2, force_exit=exits.append)
+    # The runner gave up on it: it was still inside its 3 s sleep when the run ended.
+    assert stubborn.cancelled.is_set() and not stubborn.finished
+    assert err.value.stuck == ["stubborn"]
+    assert polite.cleaned_up
+    assert exits == [EXIT_SHUTDOWN_TIMEOUT]  # in a CLI process: exit status 1, at once
+
+
+async def test_a_second_signal_ends_the_shutdown_at_once() -> None:
+    stubborn = Swallower(stuck_for_s=30.0)
+    exits: list[int] = []
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
+
+    async def second_ctrl_c() -> None:
+        await stubborn.cancelled.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    second = asyncio.create_task(second_ctrl_c())
+    with pytest.raises(ShutdownTimeoutError, match="a second signal came") as err:
+        await run_services([stubborn], shutdown_timeout_s=60, force_exit=exits.append)
+    await second
+    assert err.value.stuck == ["stubborn"] and not stubborn.finished
+    assert exits == [EXIT_SECOND_SIGNAL]
+
+
+STUBBORN_PROCESS = """
+import asyncio
+from edgeloop.core.runner import run_services
+
+class Stubborn:
+    name = "stubborn"
+    async def run(self):
+        print("running", flush=True)  # the runner's signal handlers are in place
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                print("cancelled, ignoring it", flush=True)
+
+asyncio.run(run_services([Stubborn()], shutdown_timeout_s=600))
+"""
+
+
+def test_a_second_ctrl_c_exits_the_process_at_once() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN_PROCESS],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout.readline().strip() == "cancelled, ignoring it"
+        proc.send_signal(signal.SIGINT)
+        # Far inside the 600 s deadline: only the second Ctrl-C can end it.
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_SECOND_SIGNAL, rest
+    assert "a second signal came" in rest and "stubborn" in rest
 
 
 def test_settings_read_the_environment_and_the_endpoints_file(
