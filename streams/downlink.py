@@ -22,6 +22,7 @@ threshold, without republishing everything on every restart.
 from __future__ import annotations
 
 import asyncio
+import io
 import ssl
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -29,13 +30,16 @@ from typing import Any, TypeVar
 
 import aiomqtt
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from fastavro import schemaless_reader
+from fastavro.read import SchemaResolutionError
 
 from edgeloop.core.errors import DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
 from edgeloop.core.retry import Backoff, retry
 from edgeloop.core.settings import KafkaSettings, MqttSettings
+from edgeloop.schemas import catalog
 from edgeloop.schemas.catalog import EventSchema
-from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec
+from edgeloop.schemas.framing import CONFLUENT_HEADER, ConfluentCodec, SingleObjectCodec
 from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.schemas.topics import DownlinkKind, dlq_topic, mqtt_downlink
 from edgeloop.streams.dead_letters import DeadLetters
@@ -140,6 +144,47 @@ class Fleet:
         return sorted(self.cohort_of)  # FLEET
 
 
+def to_shipped(writer: EventSchema, record: Record, value: bytes) -> tuple[EventSchema, Record]:
+    """The record in the schema this package shipped for its event (Avro schema resolution).
+
+    Devices upgrade late and have no registry: each decodes only the fingerprints it
+    shipped with. A record written with another registered version (a newer
+    ThresholdUpdate with an added field) is therefore resolved to the shipped schema
+    (Avro specification, "Schema Resolution": fields the reader lacks are dropped,
+    missing ones take their defaults, unknown enum symbols the enum's default), so the
+    downlink writes the oldest version in use; see docs/architecture.md.
+
+    Args:
+        writer: the schema `record` was strictly decoded with.
+        record: that decoded record (returned as is when `writer` is the shipped schema
+            or no schema of its name was shipped).
+        value: the Confluent-framed bytes it came from.
+
+    Returns:
+        The shipped schema and the resolved record.
+
+    Raises:
+        DecodeError: `unresolvable_schema` when the writer's schema cannot be read as
+            the shipped one (the registry's compatibility check should prevent it).
+    """
+    shipped = catalog.catalog().get(writer.name)
+    if shipped is None or shipped.fingerprint == writer.fingerprint:
+        return writer, record
+    try:
+        resolved = schemaless_reader(
+            io.BytesIO(value[CONFLUENT_HEADER:]), writer.parsed, shipped.parsed
+        )
+    except (SchemaResolutionError, ValueError, KeyError, TypeError, EOFError) as exc:
+        raise DecodeError(
+            f"{writer.name} written with fingerprint {writer.fingerprint.hex()} does not "
+            f"resolve to the shipped schema {shipped.fingerprint.hex()}: {exc}",
+            reason="unresolvable_schema",
+            schema=writer.name,
+        ) from exc
+    assert isinstance(resolved, dict)  # a record schema reads as a dict
+    return shipped, resolved
+
+
 def _expect(topic: str, schema: EventSchema) -> None:
     if schema.short_name != EXPECTED_EVENT[topic]:
         raise DecodeError(
@@ -201,12 +246,14 @@ class Downlink:
             tg.create_task(self._drive(client))
 
     async def _decode(self, value: bytes) -> tuple[EventSchema, Record]:
-        """Decode with the writer's schema (fetched by id once): devices know its fingerprint.
+        """Decode with the writer's schema (fetched by id once), strictly, then resolve it
+        to the schema this bridge shipped with (`to_shipped`): the one devices read.
 
         Waits out a registry that is unreachable or answers 5xx (never skips the record).
 
         Raises:
-            DecodeError: bad bytes, or a schema id the registry does not know.
+            DecodeError: bad bytes, a schema id the registry does not know, or a writer
+                schema that does not resolve to the shipped one (`unresolvable_schema`).
         """
         schema_id = self.confluent.schema_id(value)
         if not self.confluent.knows(schema_id):
@@ -219,7 +266,7 @@ class Downlink:
                 ) from exc
             self.confluent.add(schema_id, EventSchema.from_text(text))
         _, schema, record = self.confluent.decode(value)
-        return schema, record
+        return to_shipped(schema, record, value)
 
     async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Await `fn()` until it succeeds while failures are retriable (core/retry.py)."""
