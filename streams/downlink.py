@@ -22,7 +22,6 @@ threshold, without republishing everything on every restart.
 from __future__ import annotations
 
 import asyncio
-import io
 import ssl
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -30,17 +29,15 @@ from typing import Any, TypeVar
 
 import aiomqtt
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from fastavro import schemaless_reader
-from fastavro.read import SchemaResolutionError
 
 from edgeloop.core.errors import DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
 from edgeloop.core.retry import Backoff, retry
 from edgeloop.core.settings import KafkaSettings, MqttSettings
-from edgeloop.schemas import catalog
 from edgeloop.schemas.catalog import EventSchema
-from edgeloop.schemas.framing import CONFLUENT_HEADER, ConfluentCodec, SingleObjectCodec
+from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec
 from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.schemas.resolution import to_shipped
 from edgeloop.schemas.topics import DownlinkKind, dlq_topic, mqtt_downlink
 from edgeloop.streams.dead_letters import DeadLetters
 from edgeloop.streams.metrics import BridgeMetrics
@@ -142,47 +139,6 @@ class Fleet:
         if record["scope"] == "COHORT":
             return sorted(self.members.get(_checked("scope_id", record["scope_id"]), ()))
         return sorted(self.cohort_of)  # FLEET
-
-
-def to_shipped(writer: EventSchema, record: Record, value: bytes) -> tuple[EventSchema, Record]:
-    """The record in the schema this package shipped for its event (Avro schema resolution).
-
-    Devices upgrade late and have no registry: each decodes only the fingerprints it
-    shipped with. A record written with another registered version (a newer
-    ThresholdUpdate with an added field) is therefore resolved to the shipped schema
-    (Avro specification, "Schema Resolution": fields the reader lacks are dropped,
-    missing ones take their defaults, unknown enum symbols the enum's default), so the
-    downlink writes the oldest version in use; see docs/architecture.md.
-
-    Args:
-        writer: the schema `record` was strictly decoded with.
-        record: that decoded record (returned as is when `writer` is the shipped schema
-            or no schema of its name was shipped).
-        value: the Confluent-framed bytes it came from.
-
-    Returns:
-        The shipped schema and the resolved record.
-
-    Raises:
-        DecodeError: `unresolvable_schema` when the writer's schema cannot be read as
-            the shipped one (the registry's compatibility check should prevent it).
-    """
-    shipped = catalog.catalog().get(writer.name)
-    if shipped is None or shipped.fingerprint == writer.fingerprint:
-        return writer, record
-    try:
-        resolved = schemaless_reader(
-            io.BytesIO(value[CONFLUENT_HEADER:]), writer.parsed, shipped.parsed
-        )
-    except (SchemaResolutionError, ValueError, KeyError, TypeError, EOFError) as exc:
-        raise DecodeError(
-            f"{writer.name} written with fingerprint {writer.fingerprint.hex()} does not "
-            f"resolve to the shipped schema {shipped.fingerprint.hex()}: {exc}",
-            reason="unresolvable_schema",
-            schema=writer.name,
-        ) from exc
-    assert isinstance(resolved, dict)  # a record schema reads as a dict
-    return shipped, resolved
 
 
 def _expect(topic: str, schema: EventSchema) -> None:

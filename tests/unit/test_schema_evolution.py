@@ -17,8 +17,8 @@ from edgeloop.schemas import catalog
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec
 from edgeloop.schemas.registry.client import SubjectVersion
+from edgeloop.schemas.resolution import to_shipped
 from edgeloop.schemas.samples import example_record
-from edgeloop.streams.downlink import to_shipped
 from edgeloop.streams.fingerprints import FingerprintResolver
 from tests.evolution import evolved
 
