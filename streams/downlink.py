@@ -7,8 +7,9 @@
 
 One consumer group drives the publishes and commits a batch's offsets only after every
 MQTT publish of it was acknowledged, so a restart neither skips nor repeats more than one
-batch. A record that can never be delivered (undecodable, an unknown schema id, the wrong
-event for its topic, a device or cohort id that is not a valid MQTT topic level) is
+batch. A record that can never be delivered (undecodable, an unknown schema id, a writer's
+schema that does not resolve to the shipped one, the wrong event for its topic, a device
+or cohort id that is not a valid MQTT topic level) is
 dead-lettered to `<topic>.dlq.v1` with its reason and counts as handled; a registry that
 is unreachable or answers 5xx is waited out with the shared retry policy
 (`core/retry.py`), holding the batch uncommitted: a record is never skipped.
@@ -17,6 +18,10 @@ Cohort membership comes from `fleet.devices.v1`, and the latest threshold and
 release per cohort from their compacted topics: both are read whole at start (state, not
 work), so a device that joins a cohort later still gets its cohort's current model and
 threshold, without republishing everything on every restart.
+
+Devices decode only the schemas they shipped with, so every record is published in the
+bridge's shipped schema for its event (`schemas/resolution.py`; the shipped `.avsc` of a
+downlink event is the fleet's floor, see docs/architecture.md, "Schema evolution").
 """
 
 from __future__ import annotations
