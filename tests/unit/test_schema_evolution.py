@@ -13,13 +13,19 @@ import pytest
 
 from edgeloop.core.errors import DecodeError, RegistryError, RegistryUnavailableError
 from edgeloop.core.retry import is_retriable
+from edgeloop.core.settings import KafkaSettings, MqttSettings
 from edgeloop.schemas import catalog
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec
-from edgeloop.schemas.registry.client import SubjectVersion
+from edgeloop.schemas.registry.client import RegistryClient, SubjectVersion
 from edgeloop.schemas.resolution import to_shipped
 from edgeloop.schemas.samples import example_record
+from edgeloop.schemas.topics import UplinkKind, mqtt_uplink
 from edgeloop.streams.fingerprints import FingerprintResolver
+from edgeloop.streams.intake import Incoming
+from edgeloop.streams.metrics import BridgeMetrics
+from edgeloop.streams.settings import BridgeSettings
+from edgeloop.streams.uplink import Uplink
 from tests.evolution import evolved
 
 SUBJECT = "edge.inference.v1-value"
@@ -204,3 +210,49 @@ def test_an_incompatible_writer_is_dead_lettered_unresolvable() -> None:
     with pytest.raises(DecodeError) as caught:
         to_shipped(writer, decoded, value)
     assert caught.value.reason == "unresolvable_schema"
+
+
+def uplink_with(registry: FakeVersions) -> Uplink:
+    """The bridge's uplink with its resolver on `registry` (no services are started)."""
+    uplink = Uplink(
+        BridgeSettings(),
+        MqttSettings(),
+        KafkaSettings(),
+        RegistryClient("http://127.0.0.1:9"),
+        BridgeMetrics(),
+    )
+    uplink.resolver = FingerprintResolver(registry)  # type: ignore[arg-type]
+    return uplink
+
+
+async def evolved_outcome(uplink: Uplink, device: str, payload: bytes) -> str | int:
+    """The schema id an evolved message is forwarded with, or why it is dead-lettered."""
+    item = Incoming(1, 1, mqtt_uplink(device, UplinkKind.INFERENCE), payload, 0, 0)
+    unknown = DecodeError("unknown schema fingerprint", reason="unknown_fingerprint")
+    try:
+        _, headers, schema_id = await uplink._evolved(item, device, UplinkKind.INFERENCE, unknown)
+    except DecodeError as exc:
+        return exc.reason
+    assert dict(headers)["event_id"] == f"{device}:1".encode()
+    return schema_id
+
+
+async def test_an_evolved_message_is_decoded_strictly_and_checked_like_a_shipped_one() -> None:
+    other = evolved("OffloadRequest")
+    uplink = uplink_with(FakeVersions({SUBJECT: [V1, V2, other]}))
+    codec = SingleObjectCodec([V2, other])
+    record = {**example_record(V1), "device_id": "pi-1", "event_id": "pi-1:1", "firmware": None}
+    good = codec.encode(V2, record)
+    assert await evolved_outcome(uplink, "pi-1", good) == 102
+    # The device rule applies to the writer's record.
+    assert await evolved_outcome(uplink, "pi-2", good) == "device_mismatch"
+    # A registered version of another event is still the wrong schema for the topic.
+    offload = codec.encode(other, example_record(other))
+    assert await evolved_outcome(uplink, "pi-1", offload) == "wrong_schema"
+    # The strict reader checks the body: the added field's union branch -1 (zig-zag 1),
+    # which fastavro would read as the last branch.
+    assert good[-1:] == b"\x00"  # firmware: branch 0, null (the last field)
+    assert await evolved_outcome(uplink, "pi-1", good[:-1] + b"\x01") == "bad_union_index"
+    # A fingerprint the subject does not have is still unknown.
+    junk = good[:2] + b"\x00" * 8 + good[10:]
+    assert await evolved_outcome(uplink, "pi-1", junk) == "unknown_fingerprint"
