@@ -63,12 +63,22 @@ class Clock:
 
 
 def resolver(
-    registry: FakeVersions, clock: Clock, **kw: float
+    registry: FakeVersions,
+    clock: Clock,
+    *,
+    max_entries: int = 1024,
+    negative_ttl_s: float = 30.0,
+    refresh_interval_s: float = 5.0,
 ) -> tuple[FingerprintResolver, Counter[str]]:
     results: Counter[str] = Counter()
     r = FingerprintResolver(
-        registry, clock=clock, on_result=lambda result: results.update([result]), **kw
-    )  # type: ignore[arg-type]
+        registry,
+        clock=clock,
+        on_result=lambda result: results.update([result]),
+        max_entries=max_entries,
+        negative_ttl_s=negative_ttl_s,
+        refresh_interval_s=refresh_interval_s,
+    )
     return r, results
 
 
@@ -221,7 +231,7 @@ def uplink_with(registry: FakeVersions) -> Uplink:
         RegistryClient("http://127.0.0.1:9"),
         BridgeMetrics(),
     )
-    uplink.resolver = FingerprintResolver(registry)  # type: ignore[arg-type]
+    uplink.resolver = FingerprintResolver(registry)
     return uplink
 
 
