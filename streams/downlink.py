@@ -7,8 +7,9 @@
 
 One consumer group drives the publishes and commits a batch's offsets only after every
 MQTT publish of it was acknowledged, so a restart neither skips nor repeats more than one
-batch. A record that can never be delivered (undecodable, an unknown schema id, the wrong
-event for its topic, a device or cohort id that is not a valid MQTT topic level) is
+batch. A record that can never be delivered (undecodable, an unknown schema id, a writer's
+schema that does not resolve to the shipped one, the wrong event for its topic, a device
+or cohort id that is not a valid MQTT topic level) is
 dead-lettered to `<topic>.dlq.v1` with its reason and counts as handled; a registry that
 is unreachable or answers 5xx is waited out with the shared retry policy
 (`core/retry.py`), holding the batch uncommitted: a record is never skipped.
@@ -17,6 +18,10 @@ Cohort membership comes from `fleet.devices.v1`, and the latest threshold and
 release per cohort from their compacted topics: both are read whole at start (state, not
 work), so a device that joins a cohort later still gets its cohort's current model and
 threshold, without republishing everything on every restart.
+
+Devices decode only the schemas they shipped with, so every record is published in the
+bridge's shipped schema for its event (`schemas/resolution.py`; the shipped `.avsc` of a
+downlink event is the fleet's floor, see docs/architecture.md, "Schema evolution").
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from edgeloop.core.settings import KafkaSettings, MqttSettings
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec
 from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.schemas.resolution import to_shipped
 from edgeloop.schemas.topics import DownlinkKind, dlq_topic, mqtt_downlink
 from edgeloop.streams.dead_letters import DeadLetters
 from edgeloop.streams.metrics import BridgeMetrics
@@ -201,12 +207,14 @@ class Downlink:
             tg.create_task(self._drive(client))
 
     async def _decode(self, value: bytes) -> tuple[EventSchema, Record]:
-        """Decode with the writer's schema (fetched by id once): devices know its fingerprint.
+        """Decode with the writer's schema (fetched by id once), strictly, then resolve it
+        to the schema this bridge shipped with (`to_shipped`): the one devices read.
 
         Waits out a registry that is unreachable or answers 5xx (never skips the record).
 
         Raises:
-            DecodeError: bad bytes, or a schema id the registry does not know.
+            DecodeError: bad bytes, a schema id the registry does not know, or a writer
+                schema that does not resolve to the shipped one (`unresolvable_schema`).
         """
         schema_id = self.confluent.schema_id(value)
         if not self.confluent.knows(schema_id):
@@ -219,7 +227,7 @@ class Downlink:
                 ) from exc
             self.confluent.add(schema_id, EventSchema.from_text(text))
         _, schema, record = self.confluent.decode(value)
-        return schema, record
+        return to_shipped(schema, record, value)
 
     async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Await `fn()` until it succeeds while failures are retriable (core/retry.py)."""

@@ -57,6 +57,13 @@ class BridgeMetrics:
         self.registry_lookups = Counter(
             "edgeloop_bridge_registry_lookups_total", "Schema id lookups", ["result"], registry=r
         )
+        self.fingerprint_resolutions = Counter(
+            "edgeloop_bridge_fingerprint_resolutions_total",
+            "Unknown single-object fingerprints looked up among the subject's versions "
+            "(hit, found, negative, throttled, unregistered)",
+            ["result"],
+            registry=r,
+        )
         self.retries = Counter(
             "edgeloop_bridge_retries_total",
             "Waits for Kafka or the registry to come back",

@@ -37,8 +37,13 @@ from edgeloop.core.settings import KafkaSettings, MqttSettings
 from edgeloop.schemas import catalog
 from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.catalog import EventSchema
-from edgeloop.schemas.framing import SingleObjectCodec, single_to_confluent
+from edgeloop.schemas.framing import (
+    SINGLE_OBJECT_HEADER,
+    SingleObjectCodec,
+    single_to_confluent,
+)
 from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.schemas.strict_reader import cached_reader
 from edgeloop.schemas.topics import (
     TOPICS,
     UPLINK_DLQ,
@@ -49,6 +54,7 @@ from edgeloop.schemas.topics import (
     subject_for,
 )
 from edgeloop.streams.dead_letters import DeadLetters
+from edgeloop.streams.fingerprints import FingerprintResolver
 from edgeloop.streams.intake import Incoming, MqttIntake
 from edgeloop.streams.metrics import BridgeMetrics
 from edgeloop.streams.native_intake import NativeIntake
@@ -121,6 +127,10 @@ class Uplink:
         self.kafka = kafka
         self.metrics = metrics
         self.ids = SchemaIds(registry, metrics)
+        resolutions = metrics.fingerprint_resolutions
+        self.resolver = FingerprintResolver(
+            registry, on_result=lambda result: resolutions.labels(result).inc()
+        )
         self.registry = registry
         self.codec = SingleObjectCodec(
             catalog.catalog().values(),
@@ -404,9 +414,18 @@ class Uplink:
             return await self._dead(item, UPLINK_DLQ, "bad_topic", str(exc), None)
         self._received[kind].inc()
         topic = UPLINK_TOPIC[kind]
+        subject = subject_for(topic)
         try:
-            schema, headers = self._validate(item, device_id, kind)
-            schema_id = await self._retry("registry", self.ids.id_for, subject_for(topic), schema)
+            try:
+                schema, headers = self._validate(item, device_id, kind)
+            except DecodeError as exc:
+                if exc.reason != "unknown_fingerprint":
+                    raise
+                # Not a schema the bridge shipped with: a registered newer (or older)
+                # version of the subject is accepted, decoded with its own schema.
+                schema, headers, schema_id = await self._evolved(item, device_id, kind, exc)
+            else:
+                schema_id = await self._retry("registry", self.ids.id_for, subject, schema)
         except DecodeError as exc:
             return await self._dead(item, dlq_topic(topic), exc.reason, str(exc), device_id)
         except UnregisteredSchemaError as exc:
@@ -427,14 +446,53 @@ class Uplink:
             device_id,
         )
 
+    async def _evolved(
+        self, item: Incoming, device_id: str, kind: UplinkKind, unknown: DecodeError
+    ) -> tuple[EventSchema, list[tuple[str, bytes]], int]:
+        """Validate a message whose fingerprint is not a shipped schema's.
+
+        The header (size, magic) was already checked. Only versions registered under the
+        topic's subject are candidates, so the registry's compatibility level (fleet
+        subjects: FULL_TRANSITIVE) decides what devices may evolve to.
+
+        Returns:
+            The writer's schema, the headers, and that version's Confluent id.
+
+        Raises:
+            DecodeError: `unknown_fingerprint` when no version of the subject has it,
+                or the strict decoder's reason for the body.
+            RegistryError: the registry refused (permanent; transient ones are retried).
+        """
+        subject = subject_for(UPLINK_TOPIC[kind])
+        found = await self._retry(
+            "registry", self.resolver.resolve, subject, item.payload[2:SINGLE_OBJECT_HEADER]
+        )
+        if found is None:
+            raise DecodeError(f"{unknown} (not registered under {subject})", reason=unknown.reason)
+        schema, headers = self._validate(item, device_id, kind, writer=found.schema)
+        return schema, headers, found.schema_id
+
     def _validate(
-        self, item: Incoming, device_id: str, kind: UplinkKind
+        self,
+        item: Incoming,
+        device_id: str,
+        kind: UplinkKind,
+        *,
+        writer: EventSchema | None = None,
     ) -> tuple[EventSchema, list[tuple[str, bytes]]]:
         """Header checks always; a full bounded decode unless validation is `header`.
 
-        Decoding checks the header itself, so the full path reads the header once."""
+        Decoding checks the header itself, so the full path reads the header once.
+        `writer` is a registered version resolved by fingerprint (the header is checked)."""
         full = self.settings.validation == "full"
-        if full:
+        if writer is not None:
+            schema = writer
+            if full:
+                # The same strict reader and limits as for shipped schemas (memoized).
+                record = cached_reader(writer.text, self.codec.limits)(
+                    item.payload, SINGLE_OBJECT_HEADER
+                )
+        elif full:
             schema, record = self.codec.decode(item.payload)
         else:
             schema = self.codec.peek(item.payload)
