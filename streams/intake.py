@@ -113,6 +113,12 @@ class MqttIntake:
         self._client.disconnect()
         self._client.loop_stop()
 
+    async def close(self) -> None:
+        """`stop()` off the event loop: paho's thread sends the queued PUBACKs, then
+        DISCONNECT, and `loop_stop()` waits for it (a join, which must not block the loop).
+        """
+        await asyncio.to_thread(self.stop)
+
     async def batch(self, max_items: int) -> list[Incoming]:
         """Wait for messages, then take up to `max_items` of them in arrival order."""
         while not self._pending:

@@ -24,6 +24,7 @@ What the hand-written receive path guarantees (each was a fault once):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import deque
@@ -163,6 +164,21 @@ class NativeIntake:
             self._conn.transport.close()
         if self._task:
             self._task.cancel()
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """`stop()`, then wait (at most `timeout_s`) until the connection is closed.
+
+        A transport's `close()` only schedules the close: its buffered bytes (the last
+        PUBACKs and the DISCONNECT) are written by the event loop afterwards. A process
+        that ends right after `stop()` may end before they are, and the broker then
+        redelivers messages whose records are already in Kafka.
+        """
+        conn = self._conn
+        self.stop()
+        if conn is not None and conn.transport is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await conn.closed
 
     async def batch(self, max_items: int) -> list[Incoming]:
         while not self._pending:

@@ -11,9 +11,15 @@ transient ones are re-sent with backoff, holding the acks; a record Kafka will n
 be sure it is its own fault, then dead-lettered as `kafka_rejected` and acknowledged once
 the dead letter is in Kafka, so the rest of the window goes on.
 
-A graceful stop (cancellation, as the runner does on SIGTERM) drains: no new message is
-taken, what was sent to Kafka is settled and acknowledged, then the intake disconnects;
-a restart therefore re-sends nothing that is already in Kafka.
+A graceful stop drains before anything is cancelled: the runner calls `drain()` (on
+SIGTERM/SIGINT), which lets the router finish the slice in hand and take no new message,
+waits until every slice handed to Kafka is settled and acknowledged, and returns; then
+the runner cancels `run`, whose `finally` disconnects. A restart therefore re-sends
+nothing that is already in Kafka. Cancellation without a drain first (or after a drain
+that ran out of time) still acknowledges everything Kafka has: the producers are stopped
+first (which flushes and waits for what they hold), the records Kafka took are
+acknowledged, and only then does the intake disconnect. Records that reached Kafka are
+never left unacknowledged while the process lives.
 """
 
 from __future__ import annotations
@@ -148,6 +154,14 @@ class Uplink:
         self._unsettled: deque[_Sent] = deque()
         # Messages taken from the intake and not yet acknowledged (the in-flight gauge).
         self._held = 0
+        # Graceful stop: set by `drain()`; the router takes no new slice once it is set.
+        self._stopping = False
+        # Whether the router is waiting in `intake.batch()` (holding nothing), and its task.
+        self._taking = False
+        self._router: asyncio.Task[None] | None = None
+        self._handoff: asyncio.Queue[_Sent] | None = None
+        self._intake: MqttIntake | NativeIntake | None = None
+        self._acknowledged = 0  # PUBACKs sent in all, for the drain's log line
 
     async def run(self) -> None:
         intake = self._make_intake()
@@ -158,18 +172,14 @@ class Uplink:
         await self._warm_up(producers.main)
         # Slices travel from the router to the acknowledger; two in flight keeps both busy.
         handoff: asyncio.Queue[_Sent] = asyncio.Queue(maxsize=2)
+        self._handoff, self._intake = handoff, intake
         try:
             await intake.start()
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._route_loop(intake, producers, handoff))
+                self._router = tg.create_task(self._route_loop(intake, producers, handoff))
                 tg.create_task(self._ack_loop(intake, producers, handoff))
-        except asyncio.CancelledError:
-            await self._drain(intake, producers)
-            raise
         finally:
-            # Acks queued so far leave before DISCONNECT; the rest stays with the session.
-            intake.stop()
-            await producers.stop()
+            await self._close(intake, producers)
 
     def _producer_factory(self, idempotent: bool) -> AIOKafkaProducer:
         s = self.settings
@@ -197,29 +207,59 @@ class Uplink:
             maximum_packet_size=s.max_message_bytes + PACKET_OVERHEAD,
         )
 
-    async def _drain(self, intake: MqttIntake | NativeIntake, producers: Producers) -> None:
-        """On a graceful stop: settle and acknowledge what was sent, take nothing new.
+    async def drain(self) -> None:
+        """Graceful stop, before cancellation: take no new message, and return once every
+        message taken is settled in Kafka and acknowledged on MQTT.
 
-        Bounded by `drain_timeout_s` (keep it under the runner's shutdown timeout); what
-        is not settled by then stays unacknowledged and is redelivered after a restart.
+        The router is never interrupted inside a slice (where a record can be in the
+        producer without being noted as sent); it finishes the slice and stops at the top
+        of its loop. Waiting in `intake.batch()` it holds nothing, so it is cancelled
+        there. Bounded by `drain_timeout_s` (keep it under the runner's shutdown timeout);
+        what is left then is dealt with by the cancellation (`_close`).
         """
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()  # this stop request is handled here; re-raised by the caller
-        settled = 0
+        self._stopping = True
+        router, handoff = self._router, self._handoff
+        if router is None or handoff is None:  # not started: nothing taken
+            return
+        if self._taking:
+            router.cancel()
+        before = self._acknowledged
         try:
             async with asyncio.timeout(self.settings.drain_timeout_s):
-                while self._unsettled:
-                    sent = self._unsettled[0]
-                    await self._settle(producers, sent)
-                    settled += self._acknowledge(intake, sent)
-                    self._unsettled.popleft()
+                await asyncio.wait([router])
+                await handoff.join()  # every slice handed over is settled and acked
         except TimeoutError:
             log.warning(
-                "drain timed out; the rest is redelivered after a restart",
+                "drain timed out; stopping the producers settles the rest",
                 extra={"unsettled_slices": len(self._unsettled)},
             )
-        log.info("uplink drained", extra={"acknowledged": settled, "not_taken": intake.depth})
+            return
+        depth = self._intake.depth if self._intake is not None else 0
+        log.info(
+            "uplink drained",
+            extra={"acknowledged": self._acknowledged - before, "not_taken": depth},
+        )
+
+    async def _close(self, intake: MqttIntake | NativeIntake, producers: Producers) -> None:
+        """Stop the producers, acknowledge what Kafka took, then disconnect.
+
+        The producers go first: stopping one delivers (or fails) every record it holds,
+        so after it nothing more can reach Kafka, and each record Kafka has is
+        acknowledged before DISCONNECT. Acknowledging first and stopping after would
+        let records in the producer land in Kafka unacknowledged: duplicates after a
+        restart. What is not in Kafka stays unacknowledged and is redelivered.
+        """
+        try:
+            await producers.stop()
+        finally:
+            acked = 0
+            while self._unsettled:
+                acked += self._acknowledge(intake, self._unsettled.popleft(), delivered_only=True)
+            if acked:
+                log.info("acknowledged on close", extra={"acknowledged": acked})
+            # Acks queued so far leave before DISCONNECT, and the process does not end
+            # before they are written; the rest stays with the session.
+            await intake.close()
 
     async def _warm_up(self, producer: AIOKafkaProducer) -> None:
         """Fetch topic metadata and schema ids before the first message, not during it:
@@ -239,15 +279,20 @@ class Uplink:
         producers: Producers,
         handoff: asyncio.Queue[_Sent],
     ) -> None:
-        while True:
+        while not self._stopping:
             # Small slices keep the loop responsive: while a slice is routed, Kafka's acks
             # (and so the PUBACKs of earlier slices) wait. 1000 at once cost 10+ ms of p99.
-            batch = await intake.batch(ROUTE_SLICE)
+            # Only this wait may be cancelled by `drain()`: it takes nothing until it returns.
+            self._taking = True
+            try:
+                batch = await intake.batch(ROUTE_SLICE)
+            finally:
+                self._taking = False
             self._held += len(batch)
             self.metrics.in_flight.set(self._held + intake.depth)
             sent = _Sent([await self._route(item) for item in batch])
-            # Registered before the first send: a stop in the middle still settles the
-            # records that went out (and only those) before disconnecting.
+            # Registered before the first send: a cancellation in the middle still
+            # acknowledges the records that went out (and only those) before disconnecting.
             self._unsettled.append(sent)
             sent.generation = producers.generation
             await self._send(producers.main, sent.routed, sent.futures)
@@ -264,14 +309,24 @@ class Uplink:
             await self._settle(producers, sent)
             self._acknowledge(intake, sent)
             self._unsettled.popleft()
+            handoff.task_done()
             self.metrics.in_flight.set(self._held + intake.depth)
 
-    def _acknowledge(self, intake: MqttIntake | NativeIntake, sent: _Sent) -> int:
-        """PUBACK the settled records of `sent`; returns how many."""
+    def _acknowledge(
+        self, intake: MqttIntake | NativeIntake, sent: _Sent, *, delivered_only: bool = False
+    ) -> int:
+        """PUBACK the settled records of `sent` (with `delivered_only`, of those sent only
+        the ones Kafka has: used when no more settling can happen); returns how many."""
         now = time.monotonic_ns()
         produced: Counter[str] = Counter()
         observe = self.metrics.added_latency.observe
         done = sent.routed[: len(sent.futures)]
+        if delivered_only:
+            done = [
+                r
+                for r, f in zip(done, sent.futures, strict=False)
+                if f.done() and _failure(f) is None
+            ]
         for r in done:
             intake.ack(r.item)
             produced[r.label] += 1
@@ -280,6 +335,7 @@ class Uplink:
         for label, count in produced.items():
             self.metrics.uplink_out.labels(label).inc(count)
         self._held -= len(sent.routed)
+        self._acknowledged += len(done)
         return len(done)
 
     async def _send(
@@ -365,7 +421,8 @@ class Uplink:
         except KafkaError as exc:
             fut = asyncio.get_running_loop().create_future()
             fut.set_exception(exc)
-        await asyncio.wait([fut])
+        # Not awaited here: the caller stores the delivery in its slice first, so a stop
+        # while it is in flight still sees (and acknowledges) a record Kafka then takes.
         return fut
 
     async def _deliver_alone(self, producer: AIOKafkaProducer, sent: _Sent, i: int) -> None:
@@ -376,6 +433,7 @@ class Uplink:
             return
         attempt = 0
         sent.futures[i] = await self._send_alone(producer, sent.routed[i])
+        await asyncio.wait([sent.futures[i]])
         while (exc := _failure(sent.futures[i])) is not None:
             r = sent.routed[i]
             detail = f"Kafka refused the record for {r.topic}: {exc!r}"
@@ -405,6 +463,7 @@ class Uplink:
                 )
                 await asyncio.sleep(delay)
             sent.futures[i] = await self._send_alone(producer, sent.routed[i])
+            await asyncio.wait([sent.futures[i]])
 
     async def _route(self, item: Incoming) -> Routed:
         try:

@@ -4,6 +4,15 @@ A service is any object with `name` and `async def run(self) -> None` that runs 
 is cancelled and releases its resources in `finally`. The runner gives every service the
 same shutdown deadline and turns a crash of any one of them into a non-zero exit.
 
+Shutdown has two phases within that one deadline. First every service that also has an
+`async def drain(self) -> None` is asked to finish its work in hand and take no more
+(concurrently; `drain` returns when done, the runner does not cancel `run` meanwhile).
+Then every service still running is cancelled. Draining before cancelling means a service
+never has to handle its stop request inside a half-done step (cancellation lands at any
+`await`, e.g. between sending a record and noting that it was sent), nor swallow the
+cancellation (`Task.uncancel`) to finish its work. A drain that overruns the deadline or
+raises is abandoned (cancelled); the cancellation phase then still runs.
+
 Shutdown is bounded. The services are plain tasks, not a `TaskGroup`: a task group waits
 without bound for a child that swallows its cancellation, so a deadline around it does
 not hold. After the deadline the runner stops waiting, names the services still running
@@ -20,7 +29,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from edgeloop.core.errors import ServiceCrashedError
@@ -72,13 +81,14 @@ async def run_services(
 ) -> None:
     """Run `services` concurrently until a signal, a crash, or until all have finished.
 
-    On the first SIGINT/SIGTERM every service is cancelled and given `shutdown_timeout_s`
-    to stop. A service that crashes cancels the others the same way.
+    On the first SIGINT/SIGTERM the services with a `drain()` are drained, then every
+    service still running is cancelled; both phases together get `shutdown_timeout_s`.
+    A service that crashes stops the others the same way.
 
     Args:
         services: objects with `name` and `async def run()`.
-        shutdown_timeout_s: how long the services together get to stop after a signal
-            or a crash.
+        shutdown_timeout_s: how long the services together get to drain and stop after a
+            signal or a crash.
         force_exit: called with an exit status when the shutdown overruns its deadline
             (`EXIT_SHUTDOWN_TIMEOUT`) or a second signal arrives during it
             (`EXIT_SECOND_SIGNAL`); the default ends the process at once. None (or a
@@ -116,11 +126,11 @@ async def run_services(
             crash = await _until_stop_or_crash(tasks, stop)
         except asyncio.CancelledError:
             # Cancelled from outside: the services get the same bounded shutdown.
-            await _stop_all(tasks, force, shutdown_timeout_s, None)
+            await _stop_all(services, tasks, force, shutdown_timeout_s, None)
             raise
         if stop.is_set():
             log.info("shutdown requested", extra={"timeout_s": shutdown_timeout_s})
-        await _stop_all(tasks, force, shutdown_timeout_s, force_exit)
+        await _stop_all(services, tasks, force, shutdown_timeout_s, force_exit)
         crash = crash or _first_crash(tasks)
         if crash is not None:
             raise crash
@@ -130,16 +140,20 @@ async def run_services(
 
 
 async def _stop_all(
+    services: Sequence[Service],
     tasks: list[asyncio.Task[None]],
     force: asyncio.Event,
     timeout_s: float,
     force_exit: Callable[[int], None] | None,
 ) -> None:
-    """Cancel what still runs and wait for it, within `timeout_s` and until `force`."""
+    """Drain, then cancel what still runs and wait for it; all within `timeout_s` and
+    only until `force`."""
+    deadline = loop_time() + timeout_s
+    await _drain_all(services, tasks, force, timeout_s)
     running = [t for t in tasks if not t.done()]
     for task in running:
         task.cancel()
-    stuck, forced = await _wait_bounded(running, force, timeout_s)
+    stuck, forced = await _wait_bounded(running, force, max(0.0, deadline - loop_time()))
     if not stuck:
         return
     names = sorted(t.get_name() for t in stuck)
@@ -149,6 +163,34 @@ async def _stop_all(
     if force_exit is not None:
         force_exit(EXIT_SECOND_SIGNAL if forced else EXIT_SHUTDOWN_TIMEOUT)
     raise ShutdownTimeoutError(message, stuck=names)
+
+
+async def _drain_all(
+    services: Sequence[Service],
+    tasks: list[asyncio.Task[None]],
+    force: asyncio.Event,
+    timeout_s: float,
+) -> None:
+    """Call `drain()` of every running service that has one, concurrently; wait for them
+    at most `timeout_s` and only until `force`, then cancel the drains left."""
+    drains: list[asyncio.Task[None]] = []
+    for service, task in zip(services, tasks, strict=True):
+        hook = getattr(service, "drain", None)
+        if callable(hook) and not task.done():
+            drains.append(asyncio.create_task(_drained(service.name, hook), name=service.name))
+    if not drains:
+        return
+    left, _ = await _wait_bounded(drains, force, timeout_s)
+    for drain in left:
+        log.warning("drain did not finish in time", extra={"service": drain.get_name()})
+        drain.cancel()
+
+
+async def _drained(name: str, hook: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await hook()
+    except Exception:  # the cancellation phase still stops the service
+        log.exception("drain failed", extra={"service": name})
 
 
 async def _supervised(service: Service) -> None:

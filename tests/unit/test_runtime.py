@@ -139,6 +139,64 @@ async def test_a_second_signal_ends_the_shutdown_at_once() -> None:
     assert exits == [EXIT_SECOND_SIGNAL]
 
 
+class Draining:
+    """A service with a drain hook: `drain()` finishes the work in hand (`work_s`), and
+    `run` notes whether its cancellation came before that work was done."""
+
+    def __init__(self, work_s: float = 0.05) -> None:
+        self.name = "draining"
+        self.work_s = work_s
+        self.work_done = False
+        self.cancelled_mid_work = False
+        self.cleaned_up = False
+
+    async def drain(self) -> None:
+        await asyncio.sleep(self.work_s)
+        self.work_done = True
+
+    async def run(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled_mid_work = not self.work_done
+            raise
+        finally:
+            self.cleaned_up = True
+
+
+async def test_a_service_with_a_drain_is_drained_before_it_is_cancelled() -> None:
+    service, plain = Draining(), Worker("plain")
+    asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(run_services([service, plain], shutdown_timeout_s=5), timeout=10)
+    assert service.work_done and not service.cancelled_mid_work
+    assert service.cleaned_up and plain.cleaned_up
+
+
+async def test_a_drain_that_overruns_the_deadline_is_abandoned_and_the_service_named() -> None:
+    service = Draining(work_s=30.0)
+    exits: list[int] = []
+    asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+    with pytest.raises(ShutdownTimeoutError) as err:
+        await asyncio.wait_for(
+            run_services([service], shutdown_timeout_s=0.2, force_exit=exits.append), timeout=10
+        )
+    assert not service.work_done
+    assert err.value.stuck == ["draining"] and exits == [EXIT_SHUTDOWN_TIMEOUT]
+
+
+async def test_a_second_signal_ends_a_drain_at_once() -> None:
+    service = Draining(work_s=30.0)
+    exits: list[int] = []
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+    loop.call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
+    with pytest.raises(ShutdownTimeoutError, match="a second signal came"):
+        await asyncio.wait_for(
+            run_services([service], shutdown_timeout_s=60, force_exit=exits.append), timeout=10
+        )
+    assert not service.work_done and exits == [EXIT_SECOND_SIGNAL]
+
+
 STUBBORN_PROCESS = """
 import asyncio
 from edgeloop.core.runner import run_services
