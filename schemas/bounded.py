@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edgeloop.core.errors import DecodeError
+from edgeloop.core.errors import ConfigError, DecodeError
 
 _FIXED_SIZE = {"null": 0, "boolean": 1, "float": 4, "double": 8}
 _PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
@@ -45,6 +45,19 @@ class DecodeLimits:
     # a device clock that was never set or a corrupt field. Deployments may narrow it.
     min_timestamp_us: int = 0
     max_timestamp_us: int = MAX_TIMESTAMP_US
+
+    def __post_init__(self) -> None:
+        # An empty window would dead-letter every event: refuse it where it is set.
+        if self.min_timestamp_us > self.max_timestamp_us:
+            raise ConfigError(
+                f"timestamp window is empty: min_timestamp_us={self.min_timestamp_us} > "
+                f"max_timestamp_us={self.max_timestamp_us}"
+            )
+        if self.max_message_bytes < 1 or self.max_collection_items < 0:
+            raise ConfigError(
+                f"decode limits must be positive: max_message_bytes={self.max_message_bytes}, "
+                f"max_collection_items={self.max_collection_items}"
+            )
 
 
 def timestamp_window(limits: DecodeLimits, per_unit_us: int) -> tuple[int, int]:

@@ -179,8 +179,9 @@ class Downlink:
         self.registry = registry
         self.metrics = metrics
         self.fleet = Fleet()
-        self.confluent = ConfluentCodec()
-        self.single = SingleObjectCodec()
+        # Records on the downlink topics are as untrusted as device bytes: same caps.
+        self.confluent = ConfluentCodec(limits=settings.decode_limits())
+        self.single = SingleObjectCodec(limits=settings.decode_limits())
         self.ready = asyncio.Event()  # set once the fleet state is caught up
         self.dead_letters = DeadLetters(registry, "bridge-downlink", settings.dlq_payload_bytes)
         self._backoff = Backoff(initial_s=0.2, max_s=settings.retry_backoff_max_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edgeloop.core.settings import _Base
@@ -33,7 +33,8 @@ class BridgeSettings(_Base):
     # generated Mosquitto config uses the same default) refuses bigger publishes to the
     # device with PUBACK 0x95.
     max_message_bytes: int = Field(256 * 1024, ge=64)
-    # Timestamps outside this window are dead-lettered `bad_timestamp` (see DecodeLimits).
+    # Timestamps outside this window are dead-lettered `bad_timestamp` (see DecodeLimits),
+    # on the uplink and the downlink alike; an empty window is refused at start-up.
     min_timestamp_us: int = DecodeLimits.min_timestamp_us
     max_timestamp_us: int = DecodeLimits.max_timestamp_us
     # MQTT keep-alive: a PINGREQ every half of it; a connection silent for a whole
@@ -57,3 +58,20 @@ class BridgeSettings(_Base):
     retry_backoff_max_s: float = Field(5.0, gt=0)
     downlink_group: str = "edgeloop-bridge-downlink"
     metrics_port: int | None = None
+
+    @model_validator(mode="after")
+    def _window_is_not_empty(self) -> BridgeSettings:
+        self.decode_limits()  # raises ConfigError naming both bounds
+        return self
+
+    def decode_limits(self) -> DecodeLimits:
+        """The caps both directions decode untrusted bytes with.
+
+        Raises:
+            ConfigError: the timestamp window is empty.
+        """
+        return DecodeLimits(
+            max_message_bytes=self.max_message_bytes,
+            min_timestamp_us=self.min_timestamp_us,
+            max_timestamp_us=self.max_timestamp_us,
+        )

@@ -41,7 +41,6 @@ from edgeloop.core.logs import get_logger
 from edgeloop.core.retry import Backoff, is_retriable, retry
 from edgeloop.core.settings import KafkaSettings, MqttSettings
 from edgeloop.schemas import catalog
-from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import (
     SINGLE_OBJECT_HEADER,
@@ -140,11 +139,7 @@ class Uplink:
         self.registry = registry
         self.codec = SingleObjectCodec(
             catalog.catalog().values(),
-            DecodeLimits(
-                max_message_bytes=settings.max_message_bytes,
-                min_timestamp_us=settings.min_timestamp_us,
-                max_timestamp_us=settings.max_timestamp_us,
-            ),
+            settings.decode_limits(),
         )
         self.dead_letters = DeadLetters(registry, "bridge-uplink", settings.dlq_payload_bytes)
         self._bridge_id = settings.client_id.encode()

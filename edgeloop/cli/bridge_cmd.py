@@ -26,8 +26,10 @@ from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
 @click.option(
     "--validation",
     type=click.Choice(["full", "header"]),
-    help="full: decode every body with the bounded decoder; header: check the "
-    "single-object header and fingerprint only.",
+    help="full (default): decode every body with the strict decoder, so values the Avro "
+    "spec forbids and timestamps outside the window (EDGELOOP_BRIDGE_MIN_TIMESTAMP_US / "
+    "EDGELOOP_BRIDGE_MAX_TIMESTAMP_US) are dead-lettered; header: check the single-object "
+    "header and fingerprint only (faster, but forbidden values then reach Kafka).",
 )
 @click.option(
     "--intake",
