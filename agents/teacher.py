@@ -246,6 +246,7 @@ class TeacherBatcher:
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=queue_size)
         self._closed = False
+        self._waiting: set[asyncio.Future[TeacherOutput]] = set()
         self.stats = BatcherStats()
 
     @property
@@ -256,10 +257,6 @@ class TeacherBatcher:
     @property
     def stopped(self) -> bool:
         """True once `run` has ended (requests are refused until it runs again)."""
-        return self._closed
-
-    def _has_stopped(self) -> bool:
-        # A call, not the attribute: `run` may end while `infer` awaits queue space.
         return self._closed
 
     @property
@@ -304,14 +301,23 @@ class TeacherBatcher:
         """
         if self.stopped:
             raise TeacherUnavailableError("teacher batcher is stopped")
-        req = _Request(
-            self._check(x), asyncio.get_running_loop().create_future(), time.perf_counter()
-        )
-        await self._queue.put(req)
-        if self._has_stopped() and not req.future.done():
-            # run() ended while we waited for queue space: nobody will answer this.
-            req.future.set_exception(TeacherUnavailableError("teacher batcher is stopped"))
-        return await req.future
+        future: asyncio.Future[TeacherOutput] = asyncio.get_running_loop().create_future()
+        req = _Request(self._check(x), future, time.perf_counter())
+        # Every unanswered request is findable, wherever it waits (for queue space, in the
+        # queue, in a batch), so that `run` can answer all of them when it stops.
+        self._waiting.add(future)
+        future.add_done_callback(self._waiting.discard)
+        try:
+            self._queue.put_nowait(req)
+        except asyncio.QueueFull:
+            # Backpressure: wait for space, or for `run` to stop (it fails our future).
+            put = asyncio.ensure_future(self._queue.put(req))
+            try:
+                await asyncio.wait({put, future}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not put.done():
+                    put.cancel()
+        return await future
 
     async def infer_many(self, xs: Sequence[npt.NDArray[np.float32]]) -> list[TeacherOutput]:
         """Verdicts for several samples, in order (they batch with everyone else's).
@@ -349,7 +355,6 @@ class TeacherBatcher:
         self._closed = False
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
         loop = asyncio.get_running_loop()
-        batch: list[_Request] = []
         try:
             while True:
                 batch = await self._next_batch()
@@ -357,17 +362,14 @@ class TeacherBatcher:
                 self.stats.abandoned += len(batch) - len(live)
                 if live:
                     await self._run_batch(loop, executor, live)
-                batch = []
         finally:
             self._closed = True
             stopped = TeacherUnavailableError("teacher batcher stopped")
-            for req in batch:
-                if not req.future.done():
-                    req.future.set_exception(stopped)
+            for fut in list(self._waiting):  # queued, in this batch, or waiting for space
+                if not fut.done():
+                    fut.set_exception(stopped)
             while not self._queue.empty():
-                req = self._queue.get_nowait()
-                if not req.future.done():
-                    req.future.set_exception(stopped)
+                self._queue.get_nowait()  # their futures are answered above
             # A running session.run cannot be interrupted; do not wait for it here.
             executor.shutdown(wait=False, cancel_futures=True)
 

@@ -60,8 +60,14 @@ class InputDecodeError(DecodeError):
       bad_input_shape     the shape is malformed, or does not match the data / image size
       bad_input_data      the bytes are not what the encoding says (bad zlib, broken
                           image, wrong byte count, NaN or infinity)
-    Not retriable: the same bytes fail the same way.
+    Not retriable: the same bytes fail the same way. `detail` is the message without the
+    location suffix, for callers that re-raise it under their own schema and path.
     """
+
+    def __init__(self, message: str, *, reason: str, path: str) -> None:
+        super().__init__(message, reason=reason, path=path)
+        self.detail = message
+        self.path: str = path
 
 
 def _fail(reason: str, field: str, message: str) -> InputDecodeError:
