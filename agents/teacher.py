@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -312,8 +312,9 @@ class TeacherBatcher:
         except asyncio.QueueFull:
             # Backpressure: wait for space, or for `run` to stop (it fails our future).
             put = asyncio.ensure_future(self._queue.put(req))
+            either: set[asyncio.Future[Any]] = {put, future}
             try:
-                await asyncio.wait({put, future}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not put.done():
                     put.cancel()
