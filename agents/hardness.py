@@ -8,12 +8,14 @@ Filters (`hard_reasons`), one `HardReason` symbol each (schemas/avro/HardExample
   HIGH_ENTROPY    the edge's normalised entropy H(p) / ln K is above `entropy_threshold`.
   AUDIT           a random audit sample (the device sent it although it was confident).
   DRIFT           the device's cohort is flagged as drifting (by the control plane).
-The three uncertainty filters are KubeEdge Sedna's hard-example mining family
-(`ThresholdFilter`, a top-2 margin filter, `CrossEntropyFilter`), applied to the edge
-model's output. A value exactly at a threshold is not hard (like the device's own rule:
-confidence >= tau acts locally). LOW_MARGIN and HIGH_ENTROPY need the edge's full
-probability vector: an OffloadRequest carries only the top confidence, so they apply when
-the caller has the InferenceEvent's `probs`, and never on a guessed vector.
+The uncertainty filters follow KubeEdge Sedna's hard-example mining filters
+(`ThresholdFilter`: top score below a threshold; `CrossEntropyFilter`: entropy of the
+scores, default threshold 0.5) plus the top-2 margin of uncertainty sampling in active
+learning (Sedna has no margin class), applied to the edge model's output. A value
+exactly at a threshold is not hard (like the device's own rule: confidence >= tau acts
+locally). LOW_MARGIN and HIGH_ENTROPY need the edge's full probability vector: an
+OffloadRequest carries only the top confidence, so they apply when the caller has the
+InferenceEvent's `probs`, and never on a guessed vector.
 
 Budget (`HardExampleBudget`): per tumbling window of `window_s`, at most `per_device_cap`
 examples per device and `global_cap` in all, so one noisy device cannot fill a training
@@ -50,8 +52,8 @@ class RouterConfig:
     confidence_threshold [0.8]: LOW_CONFIDENCE below it. Above the device's factory
         offload threshold, so every offload is a candidate; audits (confident) are not.
     margin_threshold [0.2]: LOW_MARGIN when top-1 - top-2 is below it.
-    entropy_threshold [0.5]: HIGH_ENTROPY when H(p)/ln K is above it (Sedna's
-        CrossEntropyFilter default, 0.5).
+    entropy_threshold [0.5]: HIGH_ENTROPY when H(p)/ln K is above it (the default of
+        Sedna's CrossEntropyFilter threshold).
     teacher_min_confidence [0.0]: below it the teacher's label is too unsure to train on
         and the sample is not routed at all (0 = always trust the teacher).
     per_device_cap [50], global_cap [1000], window_s [60.0]: the budget per tumbling window.
