@@ -43,6 +43,9 @@ class AgentsSettings(_Base):
     # Faust's stream buffer per topic partition and aiokafka's records per poll.
     stream_buffer_maxsize: int = Field(16_384, ge=64)
     max_poll_records: int = Field(1000, ge=1)
+    # A killed worker's partitions move to the others once its group session times out.
+    session_timeout_s: float = Field(10.0, gt=0)
+    heartbeat_interval_s: float = Field(1.0, gt=0)
     producer_linger_ms: int = Field(5, ge=0)
     producer_max_batch_bytes: int = Field(256 * 1024, ge=1024)
     # ---- stages ---------------------------------------------------------------------------

@@ -91,18 +91,20 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--target", default="pi5-cpu", show_default=True)
 @click.option("--site", default="", show_default=True)
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE (repeatable).")
-def register(
-    device_id: str, cohort: str, hardware: str, target: str, site: str, labels: tuple[str, ...]
-) -> None:
+def register(device_id: str, labels: tuple[str, ...], **fields: str) -> None:
     """Add DEVICE_ID to the fleet (or replace its record)."""
     from edgeloop.agents.fleet import new_record
 
     record = new_record(
-        device_id, cohort=cohort, hardware=hardware, target=target, site=site,
+        device_id,
+        cohort=fields["cohort"],
+        hardware=fields["hardware"],
+        target=fields["target"],
+        site=fields["site"],
         labels=_labels(labels),
-    )  # fmt: skip
+    )
     _run(lambda client: client.write(record))
-    click.echo(f"registered {device_id} in cohort {cohort}")
+    click.echo(f"registered {device_id} in cohort {fields['cohort']}")
 
 
 @fleet.command("list")
