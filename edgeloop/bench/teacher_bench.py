@@ -4,10 +4,12 @@ micro-batched (several `max_batch` values) next to batch size 1, and next to a b
 
 Load: `clients` concurrent clients, each asking for one verdict at a time (closed loop):
 256, as the worker has the records of a `take()` batch in flight, and 1, where batching
-cannot help and only adds its wait (up to `max_wait_s`). Latency is per request, from
-`infer` to its answer (queue wait + batch wait + the batch's run). Each configuration runs
-`rounds` times, interleaved with the others so all see the same machine state; the round
-with the best throughput is reported with its own latencies.
+cannot help and only adds its wait (up to `max_wait_s`); and open-loop arrivals at a
+fixed rate below batch-1 capacity (clients = 0), where the wait trades latency for CPU.
+CPU per verdict is the process's CPU time (all threads) over the verdicts answered.
+Latency is per request, from `infer` to its answer (queue wait + batch wait + the batch's
+run). Each configuration runs `rounds` times, interleaved with the others so all see the
+same machine state; the round with the best throughput is reported with its own latencies.
 
 The teacher is the newest `digits-teacher` in $EDGELOOP_HOME/trainer/store (verified with
 $EDGELOOP_HOME/keys/release.pub); without one, the shipped architecture (`TeacherCNN`,
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,9 +39,12 @@ MAX_WAIT_S = 0.005  # the batcher's default
 # where micro-batching can only add its wait.
 CONCURRENCY = 256
 LIGHT = 1
+# Open-loop arrivals (clients = 0 in the table): below batch-1 capacity, where the wait
+# only trades latency for fewer, bigger batches (CPU per verdict).
+OPEN_RATE = 1000.0
 COLUMNS = [
-    "config", "clients", "max_batch", "max_wait_ms", "verdicts_per_s", "p50_ms", "p99_ms",
-    "mean_batch",
+    "config", "load", "max_batch", "max_wait_ms", "verdicts_per_s", "p50_ms", "p99_ms",
+    "mean_batch", "cpu_us_per_verdict",
 ]  # fmt: skip
 
 
@@ -76,52 +82,98 @@ def _load(tmp: Path) -> tuple[TeacherModel, str]:
     return load_teacher(store, public_key=load_public_key(pub)), "untrained TeacherCNN (temp)"
 
 
+@dataclass(frozen=True)
+class Load:
+    """`clients` closed-loop clients, or (clients=0) open-loop arrivals at `rate` per s."""
+
+    label: str
+    max_batch: int
+    max_wait_s: float
+    clients: int
+    rate: float = 0.0
+
+
 def _bare(model: TeacherModel, xs: np.ndarray, n: int) -> dict[str, float]:
     """session.run at batch 1 in a plain loop: no asyncio, no queue, no thread hop."""
     lat = []
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for i in range(n):
         s = time.perf_counter()
         model.predict(xs[i % len(xs)][None])
         lat.append(time.perf_counter() - s)
-    wall = time.perf_counter() - t0
-    return _figures(n / wall, lat, 1.0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return _figures(n / wall, lat, 1.0, cpu / n)
 
 
-def _figures(rate: float, lat: list[float], mean_batch: float) -> dict[str, float]:
+def _figures(rate: float, lat: list[float], mean_batch: float, cpu_s: float) -> dict[str, float]:
     p50, p99 = np.percentile(np.asarray(lat) * 1000, [50, 99])
     return {
         "verdicts_per_s": rate,
         "p50_ms": float(p50),
         "p99_ms": float(p99),
         "mean_batch": mean_batch,
+        "cpu_us_per_verdict": cpu_s * 1e6,
     }
 
 
-async def _batched(
-    model: TeacherModel, xs: np.ndarray, n: int, *, max_batch: int, max_wait_s: float, clients: int
-) -> dict[str, float]:
+async def _batched(model: TeacherModel, xs: np.ndarray, n: int, load: Load) -> dict[str, float]:
     from edgeloop.agents.teacher import TeacherBatcher
 
-    batcher = TeacherBatcher(model, max_batch=max_batch, max_wait_s=max_wait_s)
+    batcher = TeacherBatcher(model, max_batch=load.max_batch, max_wait_s=load.max_wait_s)
     lat: list[float] = []
-    per_client = n // clients
 
-    async def client(c: int) -> None:
-        for i in range(per_client):
-            s = time.perf_counter()
-            await batcher.infer(xs[(c * per_client + i) % len(xs)])
-            lat.append(time.perf_counter() - s)
+    async def one(i: int, sent: float) -> None:
+        await batcher.infer(xs[i % len(xs)])
+        lat.append(time.perf_counter() - sent)
+
+    async def client(c: int, count: int) -> None:
+        for i in range(count):
+            await one(c * count + i, time.perf_counter())
+
+    async def arrivals(group: asyncio.TaskGroup) -> None:
+        # Requests are due at i / rate; each wake-up sends every request now due, timed
+        # from when it was due (so a late wake-up counts against the batcher, not for it).
+        start = time.perf_counter()
+        for i in range(n):
+            due = start + i / load.rate
+            if (ahead := due - time.perf_counter()) > 0:
+                await asyncio.sleep(ahead)
+            group.create_task(one(i, due))
 
     async with asyncio.TaskGroup() as tg:
         runner = tg.create_task(batcher.run())
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         async with asyncio.TaskGroup() as group:
-            for c in range(clients):
-                group.create_task(client(c))
-        wall = time.perf_counter() - t0
+            if load.clients:
+                for c in range(load.clients):
+                    group.create_task(client(c, n // load.clients))
+            else:
+                await arrivals(group)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         runner.cancel()
-    return _figures(len(lat) / wall, lat, batcher.stats.mean_batch)
+    return _figures(len(lat) / wall, lat, batcher.stats.mean_batch, cpu / len(lat))
+
+
+def _loads() -> list[Load]:
+    rate = f"{OPEN_RATE:.0f}/s"
+    return [
+        Load("batch 1", 1, 0.0, CONCURRENCY),
+        *[Load(f"micro-batch {b}", b, MAX_WAIT_S, CONCURRENCY) for b in BATCH_SIZES],
+        # No wait: a batch is whatever queued while the previous one ran.
+        Load("micro-batch 64, no wait", 64, 0.0, CONCURRENCY),
+        Load("batch 1, one client", 1, 0.0, LIGHT),
+        Load("micro-batch 64, one client", 64, MAX_WAIT_S, LIGHT),
+        Load("micro-batch 64, no wait, one client", 64, 0.0, LIGHT),
+        Load(f"batch 1, {rate}", 1, 0.0, 0, OPEN_RATE),
+        Load(f"micro-batch 64, {rate}", 64, MAX_WAIT_S, 0, OPEN_RATE),
+        Load(f"micro-batch 64, no wait, {rate}", 64, 0.0, 0, OPEN_RATE),
+    ]
+
+
+def _load_name(load: Load) -> str:
+    if not load.clients:
+        return f"{load.rate:.0f}/s open"
+    return f"{load.clients} client" + ("s" if load.clients > 1 else "")
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -133,33 +185,25 @@ def run(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         model, source = _load(Path(tmp_name))
         model.predict(xs[:64])  # warm the session at the largest batch shape
-        configs: list[tuple[str, int, float, int]] = [
-            ("batch 1 (no batching)", 1, 0.0, CONCURRENCY),
-            *[(f"micro-batch {b}", b, MAX_WAIT_S, CONCURRENCY) for b in BATCH_SIZES],
-            # No wait: a batch is whatever queued while the previous one ran.
-            ("micro-batch 64, no wait", 64, 0.0, CONCURRENCY),
-            ("batch 1, one client", 1, 0.0, LIGHT),
-            ("micro-batch 64, one client", 64, MAX_WAIT_S, LIGHT),
-            ("micro-batch 64, no wait, one client", 64, 0.0, LIGHT),
-        ]
-        best: dict[str, dict[str, float]] = {}
+        best: dict[str, dict[str, Any]] = {}
         for _ in range(rounds):
-            figs = {"bare session.run, batch 1": _bare(model, xs, n // 4)}
-            for label, max_batch, wait, clients in configs:
-                requests = n if clients > LIGHT else n // 16  # one client is slow by design
-                f = asyncio.run(
-                    _batched(model, xs, requests, max_batch=max_batch, max_wait_s=wait,
-                             clients=clients)
-                )  # fmt: skip
-                figs[label] = {"clients": clients, "max_batch": max_batch,
-                               "max_wait_ms": wait * 1000, **f}  # fmt: skip
-            figs["bare session.run, batch 1"] |= {"clients": 1, "max_batch": 1, "max_wait_ms": 0}
+            bare = _bare(model, xs, n // 4)
+            base = {"config": "session.run", "load": "1 client", "clients": 1, "max_batch": 1,
+                    "max_wait_ms": 0}  # fmt: skip
+            figs: dict[str, dict[str, Any]] = {"bare session.run": base | bare}
+            for load in _loads():
+                # One client is slow by design (and open loop takes n / rate seconds).
+                requests = n if load.clients > LIGHT else n // 8
+                got = asyncio.run(_batched(model, xs, requests, load))
+                figs[load.label] = {"config": "batcher", "load": _load_name(load),
+                                    "clients": load.clients, "max_batch": load.max_batch,
+                                    "max_wait_ms": load.max_wait_s * 1000, **got}  # fmt: skip
             for label, f in figs.items():
                 if label not in best or f["verdicts_per_s"] > best[label]["verdicts_per_s"]:
                     best[label] = f
-    rows: list[dict[str, Any]] = [{"config": label, **f} for label, f in best.items()]
-    one = best["batch 1 (no batching)"]["verdicts_per_s"]
-    loaded = [r for r in rows if r["config"].startswith("micro") and r["clients"] > LIGHT]
+    rows: list[dict[str, Any]] = [{"name": label, **f} for label, f in best.items()]
+    one = best["batch 1"]["verdicts_per_s"]
+    loaded = [r for r in rows if r["name"].startswith("micro") and r["clients"] > LIGHT]
     top = max(loaded, key=lambda r: float(r["verdicts_per_s"]))
     return {
         "quick": quick,
@@ -169,12 +213,17 @@ def run(quick: bool) -> dict[str, Any]:
         "rounds": rounds,
         "intra_op_threads": 1,
         "columns": COLUMNS,
-        "labels": {"verdicts_per_s": "verdicts/s", "p50_ms": "p50 ms", "p99_ms": "p99 ms"},
+        "labels": {
+            "verdicts_per_s": "verdicts/s",
+            "p50_ms": "p50 ms",
+            "p99_ms": "p99 ms",
+            "cpu_us_per_verdict": "cpu us/verdict",
+        },
         "rows": rows,
         "summary": {
-            "best_micro_batch": top["config"],
+            "best_micro_batch": top["name"],
             "speedup_vs_batch_1": top["verdicts_per_s"] / one,
-            "p99_ratio_vs_batch_1": top["p99_ms"] / best["batch 1 (no batching)"]["p99_ms"],
+            "p99_ratio_vs_batch_1": top["p99_ms"] / best["batch 1"]["p99_ms"],
             "one_client_p50_added_ms": best["micro-batch 64, one client"]["p50_ms"]
             - best["batch 1, one client"]["p50_ms"],
             "no_wait_speedup_vs_batch_1": best["micro-batch 64, no wait"]["verdicts_per_s"] / one,
