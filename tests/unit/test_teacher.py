@@ -35,6 +35,7 @@ from edgeloop.artifacts.errors import ArtifactNotFoundError, VerificationError
 from edgeloop.artifacts.manifest import Lineage
 from edgeloop.artifacts.signing import generate_keypair, load_private_key, load_public_key
 from edgeloop.artifacts.store import DirectoryStore
+from edgeloop.core.errors import ConfigError
 from edgeloop.tasks.digits import DigitsTask
 from edgeloop.tasks.inputs import InputDecodeError
 from edgeloop.trainer.export import export_onnx
@@ -277,3 +278,14 @@ def test_swap_to_another_input_shape_is_refused(teacher: TeacherModel) -> None:
     with pytest.raises(TeacherLoadError, match=r"takes input \[3, 8, 8\]"):
         batcher.swap(other)
     assert batcher.model is teacher
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [{"max_batch": 0}, {"queue_size": 0}, {"max_wait_s": -0.001}, {"max_wait_s": float("inf")}],
+)
+def test_bad_batcher_bounds_are_config_errors(
+    teacher: TeacherModel, bounds: dict[str, float]
+) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bounds))):
+        TeacherBatcher(teacher, **bounds)  # type: ignore[arg-type]
