@@ -25,6 +25,7 @@ again (a stuck camera) yields one example, not hundreds.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
@@ -227,20 +228,25 @@ def _image_2d(x: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
     return a
 
 
+@functools.lru_cache(maxsize=64)
+def _area_weights(n: int, m: int) -> npt.NDArray[np.float64]:
+    """(m, n) weights: output cell i averages the input cells its span covers (area
+    resampling down, nearest-like up). Cached: inputs of one task share a few sizes."""
+    w = np.zeros((m, n))
+    for i in range(m):
+        lo, hi = i * n / m, (i + 1) * n / m
+        for j in range(math.floor(lo), math.ceil(hi)):
+            w[i, j] = min(hi, j + 1) - max(lo, j)
+    norm: npt.NDArray[np.float64] = w / w.sum(axis=1, keepdims=True)
+    norm.setflags(write=False)  # shared by every caller through the cache
+    return norm
+
+
 def _resize(a: npt.NDArray[np.float64], rows: int, cols: int) -> npt.NDArray[np.float64]:
-    """Area-average (down) or nearest (up) resampling, numpy only."""
-
-    def axis_map(n: int, m: int) -> npt.NDArray[np.float64]:
-        # (m, n) weights: each output cell averages the input cells its span covers.
-        w = np.zeros((m, n))
-        for i in range(m):
-            lo, hi = i * n / m, (i + 1) * n / m
-            for j in range(math.floor(lo), math.ceil(hi)):
-                w[i, j] = min(hi, j + 1) - max(lo, j)
-        norm: npt.NDArray[np.float64] = w / w.sum(axis=1, keepdims=True)
-        return norm
-
-    out: npt.NDArray[np.float64] = axis_map(a.shape[0], rows) @ a @ axis_map(a.shape[1], cols).T
+    """Area-average resampling to rows x cols, numpy only."""
+    out: npt.NDArray[np.float64] = (
+        _area_weights(a.shape[0], rows) @ a @ _area_weights(a.shape[1], cols).T
+    )
     return out
 
 
