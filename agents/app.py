@@ -35,7 +35,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edgeloop.agents.context import FLEET, STATUS, Context, now_us
 from edgeloop.agents.dead_letter import dead_letter
-from edgeloop.agents.dedupe import BatchDedupe
+from edgeloop.agents.dedupe import DedupeState
 from edgeloop.agents.enrich import from_device_record, from_status
 from edgeloop.agents.enrich_stage import INFERENCE, EnrichStep
 from edgeloop.agents.hardness import RouterConfig
@@ -68,8 +68,8 @@ def _lookup(table: Any) -> Callable[[str], bytes | None]:
     return lambda device_id: get(device_id.encode())
 
 
-def _write_back(table: Any, dedupe: BatchDedupe) -> None:
-    for device_id, state in dedupe.changed():
+def _write_back(table: Any, dedupe: DedupeState, *, force: bool = False) -> None:
+    for device_id, state in dedupe.due(force=force):
         table[device_id.encode()] = state
 
 
@@ -100,6 +100,23 @@ class Stages:
         self.tables = tables
         self._enrich: EnrichStep | None = None
         self._verdicts: VerdictStep | None = None
+        self.dedupe = {
+            name: DedupeState(
+                self.s.dedupe_window, _lookup(tables[name]), flush_s=self.s.dedupe_flush_s
+            )
+            for name in ("dedupe-inference", "dedupe-offload")
+        }
+
+    def flush_dedupe(self) -> None:
+        """Write the acknowledged dedupe windows (a timer calls this between batches:
+        windows of a batch still in flight are not written, see DedupeState)."""
+        for name, state in self.dedupe.items():
+            _write_back(self.tables[name], state, force=True)
+
+    def forget(self) -> None:
+        """Partitions moved: cached dedupe windows may now belong to another worker."""
+        for state in self.dedupe.values():
+            state.clear()
 
     async def devices(self, batch: Sequence[Raw], stage: str) -> None:
         """DeviceRecords (stage `fleet`) or DeviceStatuses (`status`) -> their enrichment
@@ -152,12 +169,13 @@ class Stages:
             self._enrich = EnrichStep(ctx.book, dlq_payload_bytes=self.s.dlq_payload_bytes)
         await ctx.learn(batch)
         seen = self.tables["dedupe-inference"]
-        dedupe = BatchDedupe(self.s.dedupe_window, _lookup(seen))
+        dedupe = self.dedupe["dedupe-inference"]
         result = self._enrich.run(
             batch, dedupe, _lookup(self.tables["fleet"]), _lookup(self.tables["status"]), now_us()
         )
         await ctx.produce(result.outputs)
-        _write_back(seen, dedupe)  # only after the outputs are in Kafka
+        dedupe.acked()  # only now may its windows reach the table
+        _write_back(seen, dedupe)
         self.metrics.record("enrich", result)
 
     async def verdicts(self, batch: list[Raw]) -> None:
@@ -176,7 +194,7 @@ class Stages:
         step, batcher = self._verdicts, ctx.teacher.batcher
         await ctx.learn(batch)
         seen = self.tables["dedupe-offload"]
-        dedupe = BatchDedupe(self.s.dedupe_window, _lookup(seen))
+        dedupe = self.dedupe["dedupe-offload"]
         model = batcher.model
         ready, result = step.prepare(batch, dedupe, model.input_shape, now_us())
         outs = await ctx.retry("teacher", batcher.infer_many, [r.x for r in ready])
@@ -185,6 +203,7 @@ class Stages:
             now_us=now_us(), result=result,
         )  # fmt: skip
         await ctx.produce(result.outputs)
+        dedupe.acked()
         _write_back(seen, dedupe)
         self.metrics.record("verdicts", result)
 
@@ -264,10 +283,15 @@ def make_app(
     }
     stages = Stages(ctx, tables)
 
-    def agent(source: str, stage: str, body: Callable[[list[Raw]], Awaitable[None]]) -> None:
+    def agent(
+        source: str,
+        stage: str,
+        body: Callable[[list[Raw]], Awaitable[None]],
+        take: tuple[int, float] = (s.batch_max, s.batch_within_s),
+    ) -> None:
         async def loop(stream: Any) -> None:
             await ctx.ready.wait()
-            async for events in stream.take_events(s.batch_max, s.batch_within_s):
+            async for events in stream.take_events(*take):
                 batch = _raws(events)
 
                 async def handle(b: list[Raw] = batch) -> None:
@@ -282,7 +306,8 @@ def make_app(
     agent(STATUS, "status", lambda b: stages.devices(b, "status"))
     agent(INFERENCE, "enrich", stages.enrich)
     if s.verdicts:
-        agent(OFFLOAD, "verdicts", stages.verdicts)
+        take = (s.verdict_batch_max, s.verdict_batch_within_s)
+        agent(OFFLOAD, "verdicts", stages.verdicts, take)
 
     async def start() -> None:
         await ctx.start()
@@ -298,15 +323,24 @@ def make_app(
     async def consumer_lag() -> None:
         ctx.update_lag()
 
+    async def flush_dedupe() -> None:
+        stages.flush_dedupe()
+
     async def metrics_page(web: Any, request: Any) -> Any:
         # aiohttp refuses a charset inside `content_type`; the header carries it whole.
         body = generate_latest(ctx.metrics.registry)
         return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def partitions_moved(*_: Any, **__: Any) -> None:
+        stages.forget()
+
     # Registered by call, not as decorators: Faust's decorators are untyped.
+    app.on_partitions_revoked.connect(partitions_moved)
+    app.on_partitions_assigned.connect(partitions_moved)
     app.task(start)
     app.timer(s.teacher_reload_s)(reload_teacher)
     app.timer(5.0)(consumer_lag)
+    app.timer(max(s.dedupe_flush_s, 0.1))(flush_dedupe)
     app.page("/metrics")(metrics_page)
 
     return app

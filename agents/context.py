@@ -169,16 +169,16 @@ class Context:
     async def produce(self, outputs: Sequence[Out]) -> None:
         """Produce `outputs` and wait until Kafka acknowledged every one (retrying from the
         first failure: a re-sent record has the same id, so a duplicate is harmless)."""
-        producer = self.app.producer
+        # aiokafka's producer under Faust's (started with the app, acks=all): Faust's
+        # wrapper adds a sensor call and header handling per record that we do not use.
+        producer = self.app.producer._ensure_producer()
         pending = list(outputs)
         delay = 0.1
         while pending:
             futures: list[Awaitable[Any]] = []
             try:
                 for out in pending:
-                    futures.append(
-                        await producer.send(out.topic, out.key, out.value, None, None, None)
-                    )
+                    futures.append(await producer.send(out.topic, out.value, key=out.key))
                 results = await asyncio.gather(*futures, return_exceptions=True)
             except KafkaError as exc:
                 results = [exc] * len(pending)

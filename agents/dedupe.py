@@ -13,9 +13,11 @@ over loss) and counted as `out_of_window`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 _HW = 8  # bytes of the high-water seq
 
@@ -95,3 +97,70 @@ class BatchDedupe:
 
     def changed(self) -> list[tuple[str, bytes]]:
         return [(device, w.to_bytes()) for device, w in self._windows.items()]
+
+
+class Deduper(Protocol):
+    """What a step needs: `check(device_id, seq)`."""
+
+    def check(self, device_id: str, seq: int) -> Seen: ...
+
+
+class DedupeState:
+    """A worker's view of one dedupe table: windows cached in memory, written back to the
+    table (one changelog record per device) at most every `flush_s` seconds.
+
+    Why not every batch: with many devices each batch touches most of them, and a write
+    per device per batch costs about as much as the event itself. Delaying the write
+    never loses an event: the outputs of a batch are acknowledged before its windows
+    are even marked dirty, and a window not yet written when the worker dies only means
+    a redelivered event is passed again, with the same output id (at-least-once).
+    `clear` drops the cache when partitions move (another worker may own them next).
+    Memory: one window (8 + window/8 bytes) per device of the worker's partitions.
+    """
+
+    def __init__(
+        self,
+        window: int,
+        load: Callable[[str], bytes | None],
+        *,
+        flush_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self._load = load
+        self.flush_s = flush_s
+        self._clock = clock
+        self._windows: dict[str, SeqWindow] = {}
+        self._pending: set[str] = set()  # changed by the batch in flight
+        self._dirty: set[str] = set()  # changed by batches whose outputs are in Kafka
+        self._last_flush = clock()
+
+    def check(self, device_id: str, seq: int) -> Seen:
+        w = self._windows.get(device_id)
+        if w is None:
+            w = self._windows[device_id] = SeqWindow.from_bytes(self._load(device_id), self.window)
+        seen = w.add(seq)
+        if seen is Seen.NEW:
+            self._pending.add(device_id)
+        return seen
+
+    def acked(self) -> None:
+        """The batch's outputs are acknowledged: its windows may be written from now on."""
+        self._dirty |= self._pending
+        self._pending.clear()
+
+    def due(self, *, force: bool = False) -> list[tuple[str, bytes]]:
+        """The acknowledged windows to write now (all of them once `flush_s` has passed,
+        or at once with `force`)."""
+        now = self._clock()
+        if not self._dirty or (not force and now - self._last_flush < self.flush_s):
+            return []
+        self._last_flush = now
+        out = [(d, self._windows[d].to_bytes()) for d in self._dirty if d in self._windows]
+        self._dirty.clear()
+        return out
+
+    def clear(self) -> None:
+        self._windows.clear()
+        self._pending.clear()
+        self._dirty.clear()

@@ -9,16 +9,16 @@ both flagged) and frame the enriched record. Anything that fails becomes a DeadL
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.dead_letter import dead_letter
-from edgeloop.agents.dedupe import BatchDedupe, Seen
+from edgeloop.agents.dedupe import Deduper, Seen
 from edgeloop.agents.enrich import (
     BASE,
     ENRICHED,
     enriched_record,
-    enriched_value,
     source_of,
     tail_fields,
 )
@@ -26,6 +26,7 @@ from edgeloop.agents.enrich import unknown_device as unknown_tail
 from edgeloop.agents.records import Out, Raw, StepResult
 from edgeloop.core.errors import DecodeError, EncodeError
 from edgeloop.schemas.catalog import EventSchema
+from edgeloop.schemas.framing import CONFLUENT_HEADER
 from edgeloop.schemas.topics import dlq_topic
 
 INFERENCE = "edge.inference.v1"
@@ -48,7 +49,7 @@ class EnrichStep:
     def run(
         self,
         batch: Sequence[Raw],
-        dedupe: BatchDedupe,
+        dedupe: Deduper,
         fleet: TailLookup,
         status: TailLookup,
         now_us: int,
@@ -67,27 +68,41 @@ class EnrichStep:
         tally = result.tally
         header = self.book.header(ENRICHED_TOPIC)
         base_fp = BASE.fingerprint
+        decode = self.book.decode
+        outputs = result.outputs
+        # Counted in locals and added to the tally once: this loop runs per event.
+        duplicates = out_of_window = enriched = 0
+        sources: Counter[bytes] = Counter()
         for raw in batch:
-            tally["in"] += 1
             try:
-                schema, event = self.book.decode(raw.value)
+                schema, event = decode(raw.value)
                 device_id = _check(schema, event, raw)
                 seen = dedupe.check(device_id, event["seq"])
                 if seen is Seen.DUPLICATE:
-                    tally["duplicate"] += 1
+                    duplicates += 1
                     continue
                 if seen is Seen.OUT_OF_WINDOW:
-                    tally["out_of_window"] += 1
+                    out_of_window += 1
                 tail = fleet(device_id) or status(device_id) or self._unknown(event["cohort"])
-                tally[f"enrich:{source_of(tail)}"] += 1
+                sources[tail[:1]] += 1
                 if schema.fingerprint == base_fp:
-                    value = enriched_value(raw.value, header, tail)
+                    value = header + raw.value[CONFLUENT_HEADER:] + tail
                 else:
                     value = self._reencode(event, tail)
-                result.emit(Out(ENRICHED_TOPIC, raw.key, value))
+                outputs.append(Out(ENRICHED_TOPIC, raw.key, value))
+                enriched += 1
             except (DecodeError, EncodeError) as exc:
                 reason = exc.reason if isinstance(exc, DecodeError) else "incompatible_writer"
                 self._dead(result, raw, reason, str(exc), now_us)
+        tally["in"] += len(batch)
+        if enriched:
+            tally[f"out:{ENRICHED_TOPIC}"] += enriched
+        if duplicates:
+            tally["duplicate"] += duplicates
+        if out_of_window:
+            tally["out_of_window"] += out_of_window
+        for first, n in sources.items():
+            tally[f"enrich:{source_of(first)}"] += n
         return result
 
     def _unknown(self, cohort: str) -> bytes:

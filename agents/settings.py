@@ -38,8 +38,15 @@ class AgentsSettings(_Base):
     # Faust keeps its table files here (memory tables need none, but Faust writes to it).
     data_dir: Path = Path(".edgeloop/agents")
     # ---- batching (stream.take) ----------------------------------------------------------
-    batch_max: int = Field(500, ge=1)
-    batch_within_s: float = Field(0.01, gt=0)
+    # Faust fills a `take` buffer one event at a time (tens of microseconds each) and
+    # yields it when full or `within` after it started waiting: a short `within` makes
+    # small batches even with a backlog, and per-batch costs (one dedupe write per device,
+    # one metrics update) then count per event. Enrichment is not latency-critical.
+    batch_max: int = Field(1000, ge=1)
+    batch_within_s: float = Field(0.05, gt=0)
+    # Verdicts go back to a waiting device: small batches, short wait.
+    verdict_batch_max: int = Field(256, ge=1)
+    verdict_batch_within_s: float = Field(0.01, gt=0)
     # Faust's stream buffer per topic partition and aiokafka's records per poll.
     stream_buffer_maxsize: int = Field(16_384, ge=64)
     max_poll_records: int = Field(1000, ge=1)
@@ -52,6 +59,9 @@ class AgentsSettings(_Base):
     verdicts: bool = True  # the teacher stage (needs a teacher model)
     # Events per device the dedupe state covers behind the newest seq (see above).
     dedupe_window: int = Field(DEFAULT_DEDUPE_WINDOW, ge=8, le=1 << 20)
+    # Dedupe windows are written to their table (changelog) at most this often; see
+    # agents.dedupe.DedupeState for why a delay never loses an event.
+    dedupe_flush_s: float = Field(0.5, ge=0)
     # Fleet table entries whose decoded enrichment is cached in memory (LRU).
     fleet_cache_size: int = Field(100_000, ge=1)
     max_message_bytes: int = Field(1 << 20, ge=64)

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.dead_letter import dead_letter
-from edgeloop.agents.dedupe import BatchDedupe, Seen
+from edgeloop.agents.dedupe import Deduper, Seen
 from edgeloop.agents.hardness import (
     HardExampleBudget,
     NearDuplicateFilter,
@@ -96,7 +96,7 @@ class VerdictStep:
     def prepare(
         self,
         batch: Sequence[Raw],
-        dedupe: BatchDedupe,
+        dedupe: Deduper,
         input_shape: Sequence[int],
         now_us: int,
     ) -> tuple[list[Prepared], StepResult]:

@@ -17,6 +17,7 @@ SUITES: dict[str, str] = {
     "bridge": "edgeloop.bench.bridge_bench",
     "edge": "edgeloop.bench.edge_bench",
     "teacher": "edgeloop.bench.teacher_bench",
+    "agents": "edgeloop.bench.agents_bench",
 }
 
 

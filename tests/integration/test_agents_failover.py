@@ -81,7 +81,14 @@ async def test_a_killed_worker_loses_nothing(
         done=lambda r: {v["request_event_id"] for v in r.records} >= expected, timeout_s=240,
     )  # fmt: skip
     answered = {v["request_event_id"] for v in verdicts.records}
-    assert answered == expected, f"{len(expected - answered)} requests never answered"
+    diag = {
+        m: second.metric(f"edgeloop_agents_{m}", stage="verdicts")
+        for m in ("events_in_total", "dedupe_hits_total", "dlq_total", "events_out_total")
+    }
+    assert answered == expected, (
+        f"{len(expected - answered)} requests never answered, e.g. "
+        f"{sorted(expected - answered)[:3]}; survivor: {diag}; logs in {tmp_path}"
+    )
     # A duplicate is a redelivery: the same id, so downstream dedupe removes it.
     by_request = {v["request_event_id"]: v["event_id"] for v in verdicts.records}
     assert len(set(verdicts.ids())) == len(by_request)

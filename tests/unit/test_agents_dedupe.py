@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from edgeloop.agents.dedupe import BatchDedupe, Seen, SeqWindow
+from edgeloop.agents.dedupe import BatchDedupe, DedupeState, Seen, SeqWindow
 
 
 def test_each_seq_is_new_once_and_a_duplicate_after() -> None:
@@ -61,3 +61,42 @@ def test_batch_dedupe_catches_duplicates_inside_one_batch_and_writes_back_once()
     second = BatchDedupe(32, table.get)  # the next batch (or another worker) reads it back
     assert second.check("d1", 3) is Seen.DUPLICATE
     assert second.check("d1", 4) is Seen.NEW
+
+
+def test_windows_reach_the_table_only_after_their_outputs_were_acknowledged() -> None:
+    # A window written before its batch's outputs are in Kafka would turn a crash in
+    # between into a loss: the redelivered input would be dropped as a duplicate.
+    now = [0.0]
+    state = DedupeState(32, {}.get, flush_s=1.0, clock=lambda: now[0])
+    assert state.check("d", 1) is Seen.NEW
+    now[0] = 5.0
+    assert state.due() == []  # in flight: not written, however late
+    assert state.due(force=True) == []
+    state.acked()
+    assert [d for d, _ in state.due()] == ["d"]
+    assert state.due() == []  # nothing new since
+
+
+def test_writes_are_coalesced_per_flush_interval() -> None:
+    now = [0.0]
+    table: dict[str, bytes] = {}
+    state = DedupeState(32, table.get, flush_s=1.0, clock=lambda: now[0])
+    for seq in range(1, 50):
+        state.check("d", seq)
+        state.acked()
+        table.update(state.due())
+    assert table == {}  # all within one interval
+    now[0] = 1.5
+    table.update(state.due())
+    restored = SeqWindow.from_bytes(table["d"], 32)
+    assert restored.add(49) is Seen.DUPLICATE
+
+
+def test_duplicates_do_not_mark_a_window_dirty() -> None:
+    state = DedupeState(32, {}.get, flush_s=0.0)
+    state.check("d", 1)
+    state.acked()
+    state.due()
+    assert state.check("d", 1) is Seen.DUPLICATE
+    state.acked()
+    assert state.due() == []
