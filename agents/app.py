@@ -42,8 +42,8 @@ from edgeloop.agents.hardness import RouterConfig
 from edgeloop.agents.metrics import AgentMetrics
 from edgeloop.agents.records import Out, Raw, StepResult
 from edgeloop.agents.settings import AgentsSettings
-from edgeloop.agents.verdict_stage import OFFLOAD, RouterPolicy, VerdictStep
-from edgeloop.core.errors import DecodeError
+from edgeloop.agents.verdict_stage import OFFLOAD, Prepared, RouterPolicy, VerdictStep
+from edgeloop.core.errors import DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
 from edgeloop.core.settings import KafkaSettings, RegistrySettings
 from edgeloop.schemas.topics import dlq_topic
@@ -106,6 +106,29 @@ class Stages:
             )
             for name in ("dedupe-inference", "dedupe-offload")
         }
+
+    async def _infer(
+        self, ready: list[Prepared], result: StepResult
+    ) -> tuple[list[Prepared], list[Any]]:
+        """The teacher's outputs for `ready`, waiting out an unavailable teacher. When the
+        batch fails for good, each sample is retried alone and only those that fail alone
+        are dead-lettered (`teacher_rejected`): one bad sample never costs its batch."""
+        ctx = self.ctx
+        assert ctx.teacher is not None
+        assert self._verdicts is not None
+        batcher = ctx.teacher.batcher
+        try:
+            return ready, await ctx.retry("teacher", batcher.infer_many, [r.x for r in ready])
+        except EdgeloopError:
+            log.warning("teacher refused a batch; answering its samples one by one")
+        kept, outs = [], []
+        for item in ready:
+            try:
+                outs.append(await ctx.retry("teacher", batcher.infer, item.x))
+                kept.append(item)
+            except EdgeloopError as exc:
+                self._verdicts.dead(result, item.raw, "teacher_rejected", str(exc), now_us())
+        return kept, outs
 
     def flush_dedupe(self) -> None:
         """Write the acknowledged dedupe windows (a timer calls this between batches:
@@ -197,7 +220,7 @@ class Stages:
         dedupe = self.dedupe["dedupe-offload"]
         model = batcher.model
         ready, result = step.prepare(batch, dedupe, model.input_shape, now_us())
-        outs = await ctx.retry("teacher", batcher.infer_many, [r.x for r in ready])
+        ready, outs = await self._infer(ready, result)
         step.finish(
             ready, outs, teacher_name=model.name, teacher_version=model.version,
             now_us=now_us(), result=result,

@@ -35,7 +35,8 @@ class AgentsSettings(_Base):
     web_host: str = "127.0.0.1"
     # Faust's web server: /metrics (Prometheus) and Faust's own pages (health at /).
     web_port: int = Field(6066, ge=0, le=65535)
-    # Faust keeps its table files here (memory tables need none, but Faust writes to it).
+    # Faust's data folder (memory tables keep nothing there, Faust still writes to it).
+    # The CLI defaults it to $EDGELOOP_HOME/agents.
     data_dir: Path = Path(".edgeloop/agents")
     # ---- batching (stream.take) ----------------------------------------------------------
     # Faust fills a `take` buffer one event at a time (tens of microseconds each) and
@@ -67,7 +68,9 @@ class AgentsSettings(_Base):
     max_message_bytes: int = Field(1 << 20, ge=64)
     dlq_payload_bytes: int = Field(4096, ge=0)
     # ---- teacher --------------------------------------------------------------------------
-    store: str = Field(".edgeloop/store", description="artifact store: directory or http(s) URL")
+    # The CLI defaults these to where `models bootstrap` and `keys init` put them:
+    # $EDGELOOP_HOME/trainer/store and $EDGELOOP_HOME/keys/release.pub.
+    store: str = Field(".edgeloop/trainer/store", description="directory or http(s) URL")
     public_key: Path = Path(".edgeloop/keys/release.pub")
     teacher_name: str = "digits-teacher"
     teacher_max_batch: int = Field(64, ge=1)

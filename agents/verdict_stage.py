@@ -133,7 +133,7 @@ class VerdictStep:
                 )
             except (DecodeError, ValueError) as exc:
                 reason = exc.reason if isinstance(exc, DecodeError) else "bad_input_data"
-                self._dead(result, raw, reason, str(exc), now_us)
+                self.dead(result, raw, reason, str(exc), now_us)
                 continue
             # Dedupe after every check: a bad record is dead-lettered again on redelivery
             # (same dead-letter id), a good one is answered once.
@@ -188,9 +188,9 @@ class VerdictStep:
                 result.emit(Out(HARD_EXAMPLES, raw.key, value))
             except (DecodeError, EncodeError, ValueError) as exc:
                 reason = exc.reason if isinstance(exc, DecodeError) else "bad_hard_example"
-                self._dead(result, raw, reason, str(exc), now_us)
+                self.dead(result, raw, reason, str(exc), now_us)
 
-    def _dead(self, result: StepResult, raw: Raw, reason: str, detail: str, now_us: int) -> None:
+    def dead(self, result: StepResult, raw: Raw, reason: str, detail: str, now_us: int) -> None:
         result.tally[f"dlq:{reason}"] += 1
         record = dead_letter(
             stage=STAGE,

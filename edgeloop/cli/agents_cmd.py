@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from edgeloop.core.settings import KafkaSettings, RegistrySettings
+from edgeloop.core.settings import KafkaSettings, RegistrySettings, edgeloop_home
 
 
 @click.command()
@@ -44,8 +44,17 @@ def agents(**options: Any) -> None:
     from edgeloop.agents.app import make_app
     from edgeloop.agents.settings import AgentsSettings
 
+    home = edgeloop_home()
     overrides = {k: v for k, v in options.items() if v is not None}
     settings = AgentsSettings.load(**overrides)
+    # Paths not set anywhere default to this home's layout (not the working directory's).
+    unset = AgentsSettings.model_fields.keys() - settings.model_fields_set
+    defaults = {
+        "store": str(home / "trainer" / "store"),
+        "public_key": home / "keys" / "release.pub",
+        "data_dir": home / "agents",
+    }
+    settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
     app = make_app(settings, KafkaSettings.load(), RegistrySettings.load())
     # Faust owns the loop and the signals; our logging setup stays in place.
     worker = faust.Worker(

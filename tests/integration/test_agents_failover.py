@@ -81,7 +81,12 @@ async def test_a_killed_worker_loses_nothing(
         done=lambda r: {v["request_event_id"] for v in r.records} >= expected, timeout_s=240,
     )  # fmt: skip
     answered = {v["request_event_id"] for v in verdicts.records}
-    diag = {
+    dead = await read_topic(
+        bootstrap, reg, "edge.offload.dlq.v1", key_prefix=prefix, done=lambda r: False,
+        timeout_s=3,
+    )  # fmt: skip
+    diag: dict[str, object] = {"dead": Counter(d["reason"] for d in dead.records)}
+    diag |= {
         m: second.metric(f"edgeloop_agents_{m}", stage="verdicts")
         for m in ("events_in_total", "dedupe_hits_total", "dlq_total", "events_out_total")
     }
