@@ -56,6 +56,11 @@ def agents(**options: Any) -> None:
     }
     settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
     app = make_app(settings, KafkaSettings.load(), RegistrySettings.load())
+    # uvloop: the worker spends most of its time in the event loop's own machinery
+    # (Faust schedules several callbacks per event).
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # Faust owns the loop and the signals; our logging setup stays in place.
     worker = faust.Worker(
         app,
