@@ -343,8 +343,10 @@ def make_app(
         except Exception:  # a bad release keeps the running teacher; say why
             log.exception("teacher reload refused; keeping the running teacher")
 
+    sources = frozenset({FLEET, STATUS, INFERENCE, OFFLOAD})
+
     async def consumer_lag() -> None:
-        ctx.update_lag()
+        ctx.update_lag(sources)
 
     async def flush_dedupe() -> None:
         stages.flush_dedupe()

@@ -63,6 +63,7 @@ class Context:
     teacher: Teacher | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     _registry: RegistryClient | None = None
+    _progress: dict[Any, tuple[int | None, float]] = field(default_factory=dict)
 
     async def start(self) -> None:
         """Open the registry, register the output schemas, load the teacher."""
@@ -127,15 +128,52 @@ class Context:
         teacher.batcher.swap(model)
         log.info("teacher swapped", extra={"teacher": model.name, "version": model.version})
 
-    def update_lag(self) -> None:
-        """Consumer lag per assigned partition: high watermark minus the next offset."""
+    def update_lag(self, sources: frozenset[str], now: float | None = None) -> None:
+        """Consumer lag per assigned partition, and a watchdog for stalled ones.
+
+        faust-streaming 0.15.3 can leave a partition assigned but never fetched after a
+        rebalance (seen here after a worker was killed: the survivor held the dead
+        worker's partitions and read nothing from them; compare faust-streaming#629 and
+        #471): the partition stays out of the consumer's active set. A source partition
+        with lag whose read position has not moved for `stall_s` is logged with Faust's
+        view of it, counted, and put back into the active set (`resume_partitions`).
+        """
         consumer = self.app.consumer
+        now = time.monotonic() if now is None else now
         for tp in consumer.assignment():
             read = consumer._read_offset.get(tp)  # faust: no public read position
             high = consumer.highwater(tp)
-            if high is not None:
-                lag = high - (read + 1 if read is not None else 0)
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(lag, 0))
+            if high is None:
+                continue
+            lag = max(high - (read + 1 if read is not None else 0), 0)
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+            if tp.topic not in sources:
+                continue
+            last = self._progress.get(tp)
+            if lag == 0 or last is None or last[0] != read:
+                self._progress[tp] = (read, now)
+                continue
+            if now - last[1] >= self.settings.stall_s:
+                self._unstall(consumer, tp, lag)
+                self._progress[tp] = (read, now)
+
+    def _unstall(self, consumer: Any, tp: Any, lag: int) -> None:
+        active = consumer._get_active_partitions()
+        log.error(
+            "partition stalled; resuming it",
+            extra={
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "lag": lag,
+                "active": tp in active,
+                "paused": tp in consumer._paused_partitions,
+                "buffered": tp in consumer._buffered_partitions,
+                "flow_active": consumer.flow_active,
+            },
+        )
+        self.metrics.stalls.labels(tp.topic).inc()
+        consumer._buffered_partitions.discard(tp)
+        consumer.resume_partitions({tp})
 
     async def stop(self) -> None:
         if self._registry is not None:

@@ -73,6 +73,12 @@ class AgentMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.stalls = Counter(
+            "edgeloop_agents_partition_stalls_total",
+            "Source partitions found assigned, behind and not read (then resumed)",
+            ["topic"],
+            registry=r,
+        )
         self.retries = Counter(
             "edgeloop_agents_retries_total",
             "Waits for Kafka, the registry or the teacher to come back",
