@@ -145,11 +145,11 @@ async def _update(client: Any, device_id: str, **changes: Any) -> None:
     current = (await client.read()).get(device_id)
     if current is None:
         raise ConfigError(f"device {device_id!r} is not in the fleet: `edgeloop fleet register`")
-    fields = {k: current[k] for k in ("cohort", "hardware", "target", "site", "labels")}
-    record = new_record(
-        device_id, registered_at=current["registered_at"],
-        decommissioned=current["decommissioned"], **{**fields, **changes},
-    )  # fmt: skip
+    fields: dict[str, Any] = {
+        k: current[k] for k in ("cohort", "hardware", "target", "site", "labels", "decommissioned")
+    }
+    fields.update(changes)
+    record = new_record(device_id, registered_at=current["registered_at"], **fields)
     await client.write(record)
 
 
