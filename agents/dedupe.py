@@ -132,7 +132,10 @@ class DedupeState:
         self._clock = clock
         self._windows: dict[str, SeqWindow] = {}
         self._pending: set[str] = set()  # changed by the batch in flight
-        self._dirty: set[str] = set()  # changed by batches whose outputs are in Kafka
+        # Snapshots taken when a batch's outputs were acknowledged. Never the live window:
+        # the batch in flight may have marked seqs in it whose outputs are not in Kafka
+        # yet, and a flush between batches (a timer) must not write those.
+        self._dirty: dict[str, bytes] = {}
         self._last_flush = clock()
 
     def check(self, device_id: str, seq: int) -> Seen:
@@ -145,8 +148,12 @@ class DedupeState:
         return seen
 
     def acked(self) -> None:
-        """The batch's outputs are acknowledged: its windows may be written from now on."""
-        self._dirty |= self._pending
+        """The batch's outputs are acknowledged: its windows, as they are now, may be
+        written from now on."""
+        for device_id in self._pending:
+            window = self._windows.get(device_id)
+            if window is not None:
+                self._dirty[device_id] = window.to_bytes()
         self._pending.clear()
 
     def due(self, *, force: bool = False) -> list[tuple[str, bytes]]:
@@ -156,7 +163,7 @@ class DedupeState:
         if not self._dirty or (not force and now - self._last_flush < self.flush_s):
             return []
         self._last_flush = now
-        out = [(d, self._windows[d].to_bytes()) for d in self._dirty if d in self._windows]
+        out = list(self._dirty.items())
         self._dirty.clear()
         return out
 

@@ -104,6 +104,7 @@ class Read:
 
     records: list[dict[str, Any]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    positions: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset)
 
     def ids(self) -> list[str]:
         return [str(r["event_id"]) for r in self.records]
@@ -148,6 +149,7 @@ async def read_topic(
                         await book.learn(rec.value)
                         out.records.append(book.decode(rec.value)[1])
                         out.keys.append((rec.key or b"").decode())
+                        out.positions.append((rec.partition, rec.offset))
         finally:
             await consumer.stop()
     return out

@@ -100,3 +100,17 @@ def test_duplicates_do_not_mark_a_window_dirty() -> None:
     assert state.check("d", 1) is Seen.DUPLICATE
     state.acked()
     assert state.due() == []
+
+
+def test_a_flush_between_batches_never_writes_the_batch_in_flight() -> None:
+    # Regression: the flush timer wrote the live window of a device that was dirty from an
+    # earlier batch, including seqs the batch in flight had just marked; a kill before
+    # that batch's outputs reached Kafka then made the survivor drop them as duplicates.
+    state = DedupeState(32, {}.get, flush_s=0.0)
+    state.check("d", 1)
+    state.acked()  # batch 1 done: d is dirty
+    assert state.check("d", 2) is Seen.NEW  # batch 2 in flight
+    written = dict(state.due(force=True))  # the timer fires mid-batch
+    restored = SeqWindow.from_bytes(written["d"], 32)
+    assert restored.add(1) is Seen.DUPLICATE
+    assert restored.add(2) is Seen.NEW  # not written before its outputs are acknowledged
