@@ -69,8 +69,18 @@ def _lookup(table: Any) -> Callable[[str], bytes | None]:
 
 
 def _write_back(table: Any, dedupe: DedupeState, *, force: bool = False) -> None:
-    for device_id, state in dedupe.due(force=force):
-        table[device_id.encode()] = state
+    """Write the due dedupe windows; never raises. Faust's changelog send can fail while a
+    rebalance is under way (measured: TypeError from its eager partitioning); the windows
+    are kept for the next flush, and a raise here would dead-letter a batch whose outputs
+    are already in Kafka (in a timer it crashes the whole app)."""
+    items = dedupe.due(force=force)
+    for i, (device_id, state) in enumerate(items):
+        try:
+            table[device_id.encode()] = state
+        except Exception:
+            log.warning("dedupe window write failed; retried at the next flush", exc_info=True)
+            dedupe.requeue(items[i:])
+            return
 
 
 def router_policy(s: AgentsSettings) -> RouterPolicy:
@@ -346,7 +356,11 @@ def make_app(
     sources = frozenset({FLEET, STATUS, INFERENCE, OFFLOAD})
 
     async def consumer_lag() -> None:
-        ctx.update_lag(sources)
+        # An exception in a Faust timer crashes the whole app: metrics must not.
+        try:
+            ctx.update_lag(sources)
+        except Exception:
+            log.warning("consumer lag not updated", exc_info=True)
 
     async def flush_dedupe() -> None:
         stages.flush_dedupe()

@@ -167,6 +167,11 @@ class DedupeState:
         self._dirty.clear()
         return out
 
+    def requeue(self, items: list[tuple[str, bytes]]) -> None:
+        """Windows whose write failed: written at the next flush (newer snapshots win)."""
+        for device_id, state in items:
+            self._dirty.setdefault(device_id, state)
+
     def clear(self) -> None:
         self._windows.clear()
         self._pending.clear()

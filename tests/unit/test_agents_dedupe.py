@@ -114,3 +114,12 @@ def test_a_flush_between_batches_never_writes_the_batch_in_flight() -> None:
     restored = SeqWindow.from_bytes(written["d"], 32)
     assert restored.add(1) is Seen.DUPLICATE
     assert restored.add(2) is Seen.NEW  # not written before its outputs are acknowledged
+
+
+def test_a_failed_write_is_retried_at_the_next_flush() -> None:
+    state = DedupeState(32, {}.get, flush_s=0.0)
+    state.check("d", 1)
+    state.acked()
+    items = state.due()
+    state.requeue(items)  # the table write failed (a rebalance under way)
+    assert [d for d, _ in state.due()] == ["d"]
