@@ -356,11 +356,7 @@ def make_app(
     sources = frozenset({FLEET, STATUS, INFERENCE, OFFLOAD})
 
     async def consumer_lag() -> None:
-        # An exception in a Faust timer crashes the whole app: metrics must not.
-        try:
-            ctx.update_lag(sources)
-        except Exception:
-            log.warning("consumer lag not updated", exc_info=True)
+        ctx.watch_lag(sources)
 
     async def flush_dedupe() -> None:
         stages.flush_dedupe()

@@ -128,6 +128,14 @@ class Context:
         teacher.batcher.swap(model)
         log.info("teacher swapped", extra={"teacher": model.name, "version": model.version})
 
+    def watch_lag(self, sources: frozenset[str]) -> None:
+        """`update_lag` for a Faust timer: an exception in a timer crashes the whole app,
+        so a failure here is logged and the next tick tries again."""
+        try:
+            self.update_lag(sources)
+        except Exception:
+            log.warning("consumer lag not updated", exc_info=True)
+
     def update_lag(self, sources: frozenset[str], now: float | None = None) -> None:
         """Consumer lag per assigned partition, and a watchdog for stalled ones.
 
