@@ -22,6 +22,8 @@ ConfidenceKind = Literal["UNKNOWN", "MAX_PROB", "MARGIN", "ENTROPY"]
 
 Decision = Literal["UNKNOWN", "LOCAL", "OFFLOAD", "AUDIT"]
 
+EnrichmentSource = Literal["UNKNOWN", "FLEET", "STATUS", "NONE"]
+
 ReleaseStage = Literal["UNKNOWN", "CANARY", "WAVE", "FULL", "ROLLBACK", "REFUSED"]
 
 Scope = Literal["UNKNOWN", "DEVICE", "COHORT", "FLEET"]
@@ -147,6 +149,34 @@ class InferenceEvent(TypedDict):
     exit_index: int
     latency: LatencySplit
     frame_ts: int | None
+
+
+class EnrichedInferenceEvent(TypedDict):
+    """An InferenceEvent joined with its device's fleet record (same leading fields)."""
+
+    event_id: str
+    device_id: str
+    seq: int
+    ts: int
+    model_version: int
+    threshold_version: int
+    cohort: str
+    prediction: int
+    confidence: float
+    confidence_kind: ConfidenceKind
+    probs: list[float]
+    threshold: float
+    decision: Decision
+    exit_index: int
+    latency: LatencySplit
+    frame_ts: int | None
+    enrichment: EnrichmentSource
+    fleet_cohort: str
+    hardware: str
+    target: str
+    site: str
+    labels: dict[str, str]
+    decommissioned: bool
 
 
 class ModelRelease(TypedDict):

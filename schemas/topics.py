@@ -31,7 +31,7 @@ TOPICS: dict[str, TopicSpec] = dict(
         _spec("edge.offload.v1", "OffloadRequest", fleet=True),
         _spec("edge.status.v1", "DeviceStatus", fleet=True),
         _spec("fleet.devices.v1", "DeviceRecord", compacted=True),
-        _spec("edge.inference.enriched.v1", "InferenceEvent"),
+        _spec("edge.inference.enriched.v1", "EnrichedInferenceEvent"),
         _spec("cloud.verdicts.v1", "CloudVerdict", fleet=True),
         _spec("ml.hard-examples.v1", "HardExample"),
         _spec("ml.signals.v1", "StreamSignal", key="scope_id"),

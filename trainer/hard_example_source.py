@@ -7,17 +7,17 @@ that every range is still (or already) in the log, seeks to `start_offset` and r
 never commits: reading ranges is a pure function of the log.
 
 Decoding turns `HardExample` events into the trainer's `HardExampleSet`: the input tensor
-(`F32_RAW` / `F32_ZLIB`, little-endian float32, of the task's input shape), the teacher's
-label and the reason. Anything the trainer cannot use fails the whole trigger with a
-reason tag, never silently shrinks it: a run on part of a range would not be the run the
-trigger asked for.
+(decoded by `edgeloop.tasks.inputs`, the decoder the cloud worker uses too: F32 raw/zlib
+of the task's input shape, or U8 raw/zlib, JPEG, PNG pixels of the raw sample, which the
+task's preprocess turns into the model input), the teacher's label and the reason.
+Anything the trainer cannot use fails the whole trigger with a reason tag, never silently
+shrinks it: a run on part of a range would not be the run the trigger asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,8 @@ from aiokafka.errors import OffsetOutOfRangeError
 from edgeloop.core.errors import DecodeError, EdgeloopError
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import ConfluentCodec
+from edgeloop.tasks.inputs import PIXEL_ENCODINGS, InputDecodeError, Preprocess, to_model_input
+from edgeloop.tasks.inputs import decode_input as shared_decode_input
 from edgeloop.trainer.hard_examples import HardExampleSet
 
 HARD_EXAMPLE = "edgeloop.v1.HardExample"
@@ -45,7 +47,10 @@ _REASON_ORDER: tuple[tuple[str, str], ...] = (
     ("DRIFT", "drift"),
     ("AUDIT", "audit"),
 )
-_F32 = np.dtype("<f4")
+# Inputs are small images; a hard example that decodes past this is hostile or broken.
+_MAX_INPUT = 1 << 20
+# The shared decoder's reasons -> this reader's (kept so dead-letter tags stay stable).
+_REASON_OF = {"bad_input_encoding": "unsupported_encoding"}
 
 
 class TriggerRejectedError(EdgeloopError):
@@ -126,57 +131,50 @@ def check_ranges(ranges: Sequence[OffsetRange], *, max_examples: int) -> None:
         )
 
 
-def decode_input(record: dict[str, Any], input_shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
-    """The model input tensor of a HardExample; DecodeError(reason=bad_input) otherwise."""
+def decode_input(
+    record: dict[str, Any],
+    input_shape: tuple[int, ...],
+    *,
+    preprocess: Preprocess | None = None,
+) -> npt.NDArray[np.float32]:
+    """The model input tensor of a HardExample, decoded by the shared `decode_input`.
+
+    F32 encodings must already be the task's input shape. Pixel encodings (U8_*, JPEG,
+    PNG) carry the raw sample in [0, 1] and go through the task's `preprocess`; without
+    one they are refused (guessing a scale would train on wrong inputs unnoticed).
+
+    Raises:
+        DecodeError: reason bad_input (what is wrong is in the message) or
+            unsupported_encoding.
+    """
+    encoding = str(record["input_encoding"])
     shape = tuple(int(d) for d in record["input_shape"])
-    if shape != input_shape:
+    if encoding not in PIXEL_ENCODINGS and shape != input_shape:
         raise DecodeError(
             f"input_shape {list(shape)} is not the task's {list(input_shape)}",
             reason="bad_input",
             schema=HARD_EXAMPLE,
             path="HardExample.input_shape",
         )
-    want = int(np.prod(shape)) * _F32.itemsize
-    data: bytes = record["input"]
-    encoding = record["input_encoding"]
-    if encoding == "F32_ZLIB":
-        # Bounded inflate: a small body must not expand into gigabytes (zip bomb).
-        inflater = zlib.decompressobj()
-        try:
-            data = inflater.decompress(data, want + 1)
-        except zlib.error as exc:
-            raise DecodeError(
-                f"input is not valid zlib: {exc}",
-                reason="bad_input",
-                schema=HARD_EXAMPLE,
-                path="HardExample.input",
-            ) from exc
-        if inflater.unconsumed_tail:
-            data += b"?"  # more than `want` bytes: reported as a size mismatch below
-    elif encoding != "F32_RAW":
-        # U8_* need the task's scaling and JPEG/PNG an image decoder: not built yet, and
-        # guessing a scale would train on wrong inputs without anyone noticing.
+    if encoding in PIXEL_ENCODINGS and preprocess is None:
         raise DecodeError(
-            f"input_encoding {encoding} is not supported by the trainer (F32_RAW, F32_ZLIB)",
+            f"input_encoding {encoding} needs the task's preprocess, which this reader "
+            "was not given",
             reason="unsupported_encoding",
             schema=HARD_EXAMPLE,
             path="HardExample.input_encoding",
         )
-    if len(data) != want:
+    try:
+        x = shared_decode_input(record["input"], encoding, shape, max_decoded_bytes=_MAX_INPUT)
+        if preprocess is not None:
+            x = to_model_input(x, encoding, preprocess=preprocess, input_shape=input_shape)
+    except InputDecodeError as exc:
         raise DecodeError(
-            f"input holds {len(data)} bytes, shape {list(shape)} float32 needs {want}",
-            reason="bad_input",
+            exc.detail,
+            reason=_REASON_OF.get(exc.reason, "bad_input"),
             schema=HARD_EXAMPLE,
-            path="HardExample.input",
-        )
-    x = np.frombuffer(data, dtype=_F32).reshape(shape).astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DecodeError(
-            "input holds NaN or infinity",
-            reason="bad_input",
-            schema=HARD_EXAMPLE,
-            path="HardExample.input",
-        )
+            path=f"HardExample.{exc.path}",
+        ) from exc
     return x
 
 
@@ -193,9 +191,15 @@ def trainer_reason(reasons: Sequence[str]) -> str:
 
 
 def to_example_set(
-    records: Sequence[dict[str, Any]], input_shape: tuple[int, ...], num_classes: int
+    records: Sequence[dict[str, Any]],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    preprocess: Preprocess | None = None,
 ) -> HardExampleSet:
     """Records (as `RangeReader.read` returns them) -> the set the trainer trains on.
+
+    `preprocess` (the task's) is what pixel-encoded inputs need; see `decode_input`.
 
     TriggerRejectedError(reason=bad_hard_example) names the first unusable record.
     """
@@ -210,7 +214,7 @@ def to_example_set(
                     schema=HARD_EXAMPLE,
                     path="HardExample.label",
                 )
-            xs.append(decode_input(rec, input_shape))
+            xs.append(decode_input(rec, input_shape, preprocess=preprocess))
             reasons.append(trainer_reason(rec["reasons"]))
         except DecodeError as exc:
             where = rec.get("_source", "a hard example")

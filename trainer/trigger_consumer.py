@@ -308,7 +308,13 @@ class TriggerConsumer:
         )
         records = await reader.read(ranges)
         task = self._task
-        return await asyncio.to_thread(to_example_set, records, task.input_shape, task.num_classes)
+        return await asyncio.to_thread(
+            to_example_set,
+            records,
+            task.input_shape,
+            task.num_classes,
+            preprocess=task.preprocess,  # pixel-encoded inputs (U8, JPEG, PNG) need it
+        )
 
     async def _resolve(self, schema_id: int) -> EventSchema:
         return EventSchema.from_text(await self.registry.schema(schema_id))

@@ -16,6 +16,8 @@ SUITES: dict[str, str] = {
     "trainer": "edgeloop.bench.trainer_bench",
     "bridge": "edgeloop.bench.bridge_bench",
     "edge": "edgeloop.bench.edge_bench",
+    "teacher": "edgeloop.bench.teacher_bench",
+    "agents": "edgeloop.bench.agents_bench",
 }
 
 

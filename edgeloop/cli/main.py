@@ -21,6 +21,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("edgeloop.cli.demo_cmd:demo", "Bring everything up on this host and show its state."),
     "bench": ("edgeloop.cli.bench_cmd:bench", "Run benchmarks; print a table and write JSON."),
     "bridge": ("edgeloop.cli.bridge_cmd:bridge", "Run the MQTT <-> Kafka bridge."),
+    "agents": (
+        "edgeloop.cli.agents_cmd:agents",
+        "Run a Faust stream worker: enrich, dedupe, verdicts, hard examples.",
+    ),
+    "fleet": ("edgeloop.cli.agents_cmd:fleet", "Register devices, list them, set cohorts."),
     "topics": ("edgeloop.cli.bridge_cmd:topics", "Create the Kafka topics of the topic map."),
     "models": ("edgeloop.cli.models_cmd:models", "Bootstrap, sign and verify model artifacts."),
     "keys": ("edgeloop.cli.keys_cmd:keys", "Create the release signing key pair."),

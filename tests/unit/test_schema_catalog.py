@@ -14,6 +14,7 @@ from edgeloop.schemas.catalog import EventSchema
 
 REQUIRED_EVENTS = {
     "InferenceEvent",
+    "EnrichedInferenceEvent",
     "OffloadRequest",
     "CloudVerdict",
     "HardExample",

@@ -1,0 +1,279 @@
+"""What the agents of one worker share: codec, registry, teacher, produce and retry.
+
+`Context.produce` is the one way out to Kafka: it returns only once every record of the
+batch was acknowledged (acks=all), retrying from the first failure; `Context.guarded` is
+the one way a batch runs: nothing it raises reaches Faust (which would ack and skip it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka.errors import KafkaError
+
+from edgeloop.agents.codec import SchemaBook
+from edgeloop.agents.dead_letter import dead_letter
+from edgeloop.agents.enrich_stage import ENRICHED, ENRICHED_TOPIC, INFERENCE
+from edgeloop.agents.metrics import AgentMetrics
+from edgeloop.agents.records import Out, Raw, StepResult
+from edgeloop.agents.settings import AgentsSettings
+from edgeloop.agents.verdict_stage import HARD_EXAMPLES, OFFLOAD, VERDICTS
+from edgeloop.core.errors import DecodeError, EdgeloopError
+from edgeloop.core.logs import get_logger
+from edgeloop.core.settings import KafkaSettings, RegistrySettings
+from edgeloop.schemas import catalog
+from edgeloop.schemas.bounded import DecodeLimits
+from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.schemas.topics import dlq_topic
+
+log = get_logger(__name__)
+
+FLEET = "fleet.devices.v1"
+STATUS = "edge.status.v1"
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class Teacher:
+    """The running teacher (set once loaded; `batcher` swaps releases)."""
+
+    batcher: Any  # agents.teacher.TeacherBatcher, imported lazily (onnxruntime)
+    store: Any
+    public_key: Any
+
+
+@dataclass
+class Context:
+    """What the agents of one worker share; built by `make_app`, started by the app."""
+
+    settings: AgentsSettings
+    kafka: KafkaSettings
+    registry_settings: RegistrySettings
+    metrics: AgentMetrics
+    app: Any = None
+    book: SchemaBook | None = None
+    teacher: Teacher | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _registry: RegistryClient | None = None
+    _progress: dict[Any, tuple[int | None, float]] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        """Open the registry, register the output schemas, load the teacher."""
+        s = self.settings
+        self._registry = RegistryClient.from_settings(self.registry_settings)
+        book = SchemaBook(self._registry, DecodeLimits(max_message_bytes=s.max_message_bytes))
+        outputs = {ENRICHED_TOPIC: ENRICHED, VERDICTS: catalog.get("CloudVerdict")}
+        outputs[HARD_EXAMPLES] = catalog.get("HardExample")
+        for source in (INFERENCE, OFFLOAD, FLEET, STATUS):
+            outputs[dlq_topic(source)] = catalog.get("DeadLetter")
+        for topic, schema in outputs.items():
+            await self.retry("registry", book.register_output, topic, schema)
+        self.book = book
+        if s.verdicts:
+            self.teacher = await asyncio.to_thread(self._load_teacher)
+        self.ready.set()
+        log.info("agents ready", extra={"verdicts": s.verdicts})
+
+    def _load_teacher(self) -> Teacher:
+        from edgeloop.agents.teacher import TeacherBatcher, load_teacher
+        from edgeloop.artifacts.signing import load_public_key
+        from edgeloop.artifacts.store import DirectoryStore, HttpArtifactStore
+
+        s = self.settings
+        store: Any = (
+            HttpArtifactStore(s.store)
+            if s.store.startswith(("http://", "https://"))
+            else DirectoryStore(Path(s.store))
+        )
+        key = load_public_key(s.public_key)
+        model = load_teacher(store, public_key=key, name=s.teacher_name)
+        batcher = TeacherBatcher(
+            model,
+            max_batch=s.teacher_max_batch,
+            max_wait_s=s.teacher_max_wait_s,
+            queue_size=s.teacher_queue_size,
+        )
+        batcher.stats.on_batch = self.metrics.on_teacher_batch
+        log.info("teacher loaded", extra={"teacher": model.name, "version": model.version})
+        return Teacher(batcher, store, key)
+
+    async def reload_teacher(self) -> None:
+        """Swap in a newer verified teacher release, if the store has one."""
+        teacher = self.teacher
+        if teacher is None or not self.ready.is_set():
+            return
+        from edgeloop.agents.teacher import load_teacher
+
+        current = teacher.batcher.model
+        versions = await asyncio.to_thread(teacher.store.versions, current.name)
+        newest = max(versions, default=current.version)
+        if newest <= current.version:
+            return
+        model = await asyncio.to_thread(
+            load_teacher,
+            teacher.store,
+            public_key=teacher.public_key,
+            name=current.name,
+            version=newest,
+            min_version=current.version,
+        )
+        teacher.batcher.swap(model)
+        log.info("teacher swapped", extra={"teacher": model.name, "version": model.version})
+
+    def watch_lag(self, sources: frozenset[str]) -> None:
+        """`update_lag` for a Faust timer: an exception in a timer crashes the whole app,
+        so a failure here is logged and the next tick tries again."""
+        try:
+            self.update_lag(sources)
+        except Exception:
+            log.warning("consumer lag not updated", exc_info=True)
+
+    def update_lag(self, sources: frozenset[str], now: float | None = None) -> None:
+        """Consumer lag per assigned partition, and a watchdog for stalled ones.
+
+        faust-streaming 0.15.3 can leave a partition assigned but never fetched after a
+        rebalance (seen here after a worker was killed: the survivor held the dead
+        worker's partitions and read nothing from them; compare faust-streaming#629 and
+        #471): the partition stays out of the consumer's active set. A source partition
+        with lag whose read position has not moved for `stall_s` is logged with Faust's
+        view of it, counted, and put back into the active set (`resume_partitions`).
+        """
+        consumer = self.app.consumer
+        now = time.monotonic() if now is None else now
+        for tp in consumer.assignment():
+            read = consumer._read_offset.get(tp)  # faust: no public read position
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            lag = max(high - (read + 1 if read is not None else 0), 0)
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+            if tp.topic not in sources:
+                continue
+            last = self._progress.get(tp)
+            if lag == 0 or last is None or last[0] != read:
+                self._progress[tp] = (read, now)
+                continue
+            if now - last[1] >= self.settings.stall_s:
+                self._unstall(consumer, tp, lag)
+                self._progress[tp] = (read, now)
+
+    def _unstall(self, consumer: Any, tp: Any, lag: int) -> None:
+        active = consumer._get_active_partitions()
+        log.error(
+            "partition stalled; resuming it",
+            extra={
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "lag": lag,
+                "active": tp in active,
+                "paused": tp in consumer._paused_partitions,
+                "buffered": tp in consumer._buffered_partitions,
+                "flow_active": consumer.flow_active,
+            },
+        )
+        self.metrics.stalls.labels(tp.topic).inc()
+        consumer._buffered_partitions.discard(tp)
+        consumer.resume_partitions({tp})
+
+    async def stop(self) -> None:
+        if self._registry is not None:
+            await self._registry.aclose()
+
+    async def retry(self, what: str, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Call `fn` until it succeeds while its failure is retriable (a service down)."""
+        delay = 0.2
+        while True:
+            try:
+                return await fn(*args)
+            except (KafkaError, OSError, EdgeloopError) as exc:
+                if isinstance(exc, EdgeloopError) and not exc.retriable:
+                    raise
+                self.metrics.retries.labels(what).inc()
+                log.warning(f"{what} unavailable; retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_backoff_max_s)
+
+    async def learn(self, batch: Sequence[Raw]) -> None:
+        """Fetch the writer schemas of `batch` the codec does not know yet (once per id)."""
+        assert self.book is not None
+        book = self.book
+        for raw in batch:
+            try:
+                if not book.codec.knows(book.codec.schema_id(raw.value)):
+                    await self.retry("registry", book.learn, raw.value)
+            except DecodeError:
+                pass  # the step dead-letters it with the reason
+
+    async def produce(self, outputs: Sequence[Out]) -> None:
+        """Produce `outputs` and wait until Kafka acknowledged every one (retrying from the
+        first failure: a re-sent record has the same id, so a duplicate is harmless)."""
+        # aiokafka's producer under Faust's (started with the app, acks=all): Faust's
+        # wrapper adds a sensor call and header handling per record that we do not use.
+        producer = self.app.producer._ensure_producer()
+        pending = list(outputs)
+        delay = 0.1
+        while pending:
+            futures: list[Awaitable[Any]] = []
+            try:
+                for out in pending:
+                    futures.append(await producer.send(out.topic, out.value, key=out.key))
+                results = await asyncio.gather(*futures, return_exceptions=True)
+            except KafkaError as exc:
+                results = [exc] * len(pending)
+            failed = next((i for i, r in enumerate(results) if isinstance(r, BaseException)), None)
+            if failed is None:
+                return
+            self.metrics.retries.labels("kafka").inc()
+            log.warning(
+                "produce failed; retrying the batch's outputs",
+                extra={"error": repr(results[failed]), "pending": len(pending) - failed},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.retry_backoff_max_s)
+            pending = pending[failed:]
+
+    async def guarded(
+        self, stage: str, batch: Sequence[Raw], body: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run one batch's body; nothing escapes. An unexpected error (a bug) dead-letters
+        the batch's records with reason `internal_error` instead of letting Faust ack and
+        skip them silently."""
+        try:
+            await body()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("batch failed; dead-lettering it", extra={"stage": stage})
+            await self._dead_batch(stage, batch, repr(exc))
+
+    async def _dead_batch(self, stage: str, batch: Sequence[Raw], detail: str) -> None:
+        assert self.book is not None
+        result = StepResult()
+        now = now_us()
+        for raw in batch:
+            topic = dlq_topic(raw.topic)
+            record = dead_letter(
+                stage=f"agents-{stage}",
+                reason="internal_error",
+                detail=detail,
+                source=raw.source,
+                payload=raw.value,
+                device_id=raw.key.decode("utf-8", "replace") if raw.key else None,
+                cap=self.settings.dlq_payload_bytes,
+                now_us=now,
+            )
+            result.tally["dlq:internal_error"] += 1
+            result.emit(Out(topic, raw.key, self.book.encode(topic, record)))
+        try:
+            await self.produce(result.outputs)
+        except Exception:  # the last line of defence must not raise into Faust either
+            log.exception("could not dead-letter a failed batch", extra={"stage": stage})
+        self.metrics.record(stage, result)

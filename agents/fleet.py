@@ -1,0 +1,132 @@
+"""The fleet table's source of truth: DeviceRecords on the compacted `fleet.devices.v1`.
+
+`edgeloop fleet register|list|set-cohort|decommission` read and write it; the agents keep
+it in their `fleet` table and the bridge's downlink reads cohort membership from it.
+Key = device id, so compaction keeps each device's latest record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Mapping
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from edgeloop.agents.codec import SchemaBook
+from edgeloop.core.errors import ConfigError, DecodeError
+from edgeloop.core.logs import get_logger
+from edgeloop.core.settings import KafkaSettings
+from edgeloop.schemas import catalog
+from edgeloop.schemas.bounded import DecodeLimits
+from edgeloop.schemas.events import DeviceRecord
+from edgeloop.schemas.registry.client import RegistryClient
+
+log = get_logger(__name__)
+
+FLEET_TOPIC = "fleet.devices.v1"
+DEVICE_RECORD = catalog.get("DeviceRecord")
+
+
+def new_record(
+    device_id: str,
+    *,
+    cohort: str,
+    hardware: str = "",
+    target: str = "",
+    site: str = "",
+    labels: Mapping[str, str] | None = None,
+    registered_at: int | None = None,
+    decommissioned: bool = False,
+) -> DeviceRecord:
+    """A DeviceRecord (a fresh event id: each write is a new event about the device)."""
+    if not device_id or any(c in device_id for c in "/+#$") or len(device_id) > 128:
+        raise ConfigError(
+            f"device_id {device_id!r} must be 1-128 characters without '/', '+', '#' or '$'"
+        )
+    now = time.time_ns() // 1000
+    return {
+        "event_id": str(uuid.uuid4()),
+        "ts": now,
+        "device_id": device_id,
+        "cohort": cohort,
+        "hardware": hardware,
+        "target": target,
+        "site": site,
+        "labels": dict(labels or {}),
+        "registered_at": registered_at if registered_at is not None else now,
+        "decommissioned": decommissioned,
+    }
+
+
+class FleetClient:
+    """Reads the whole fleet topic, writes one record at a time (acks=all)."""
+
+    def __init__(self, kafka: KafkaSettings, registry: RegistryClient) -> None:
+        self.kafka = kafka
+        self.book = SchemaBook(registry, DecodeLimits())
+
+    async def write(self, record: DeviceRecord) -> None:
+        """Write `record` (keyed by its device id); returns once Kafka acknowledged it."""
+        await self.book.register_output(FLEET_TOPIC, DEVICE_RECORD)
+        value = self.book.encode(FLEET_TOPIC, record)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.kafka.bootstrap,
+            acks="all",
+            enable_idempotence=self.kafka.idempotence,
+            client_id="edgeloop-fleet",
+        )
+        await producer.start()
+        try:
+            await producer.send_and_wait(FLEET_TOPIC, value, key=record["device_id"].encode())
+        finally:
+            await producer.stop()
+
+    async def read(self) -> dict[str, DeviceRecord]:
+        """Every device's latest record (the topic read from its start to its end)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.kafka.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id="edgeloop-fleet",
+        )
+        await consumer.start()
+        fleet: dict[str, DeviceRecord] = {}
+        try:
+            parts = consumer.partitions_for_topic(FLEET_TOPIC) or set()
+            tps = [TopicPartition(FLEET_TOPIC, p) for p in sorted(parts)]
+            if not tps:
+                return fleet
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            remaining = {tp for tp in tps if ends[tp] > 0}
+            while remaining:
+                batches = await consumer.getmany(*remaining, timeout_ms=1000)
+                for tp, msgs in batches.items():
+                    for msg in msgs:
+                        if msg.value is not None:
+                            with contextlib.suppress(DecodeError):  # _apply says why
+                                await self.book.learn(msg.value)
+                        self._apply(fleet, msg.key, msg.value)
+                        if msg.offset + 1 >= ends[tp]:
+                            remaining.discard(tp)
+        finally:
+            await consumer.stop()
+        return fleet
+
+    def _apply(
+        self, fleet: dict[str, DeviceRecord], key: bytes | None, value: bytes | None
+    ) -> None:
+        if value is None:
+            if key:
+                fleet.pop(key.decode("utf-8", "replace"), None)
+            return
+        try:
+            schema, rec = self.book.decode(value)
+        except DecodeError as exc:
+            log.warning("unreadable fleet record skipped", extra={"reason": exc.reason})
+            return
+        if schema.name == DEVICE_RECORD.name:
+            fleet[str(rec["device_id"])] = rec  # type: ignore[assignment]

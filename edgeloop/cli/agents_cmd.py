@@ -1,0 +1,170 @@
+"""`edgeloop agents` (the Faust stream worker) and `edgeloop fleet` (the fleet table)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+
+from edgeloop.core.settings import KafkaSettings, RegistrySettings, edgeloop_home
+
+
+@click.command()
+@click.option(
+    "--workers-web-port",
+    "web_port",
+    type=int,
+    help="Port of the worker's web server (/metrics, Faust's pages); each worker on a host "
+    "needs its own. [env EDGELOOP_AGENTS_WEB_PORT]",
+)
+@click.option("--app-id", help="Faust app id = consumer group. [env EDGELOOP_AGENTS_APP_ID]")
+@click.option(
+    "--verdicts/--no-verdicts",
+    default=None,
+    help="Run the teacher stage (needs a teacher release in the store; default on).",
+)
+@click.option("--store", help="Artifact store (directory or URL) holding the teacher.")
+@click.option(
+    "--public-key",
+    type=click.Path(dir_okay=False),
+    help="Release public key the teacher must verify against.",
+)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Faust's data folder.")
+def agents(**options: Any) -> None:
+    """Run one Faust worker: fleet table and enrichment, dedupe, cloud verdicts and the
+    hard-example router. Run more (distinct --workers-web-port) to split the partitions;
+    a stopped or killed worker's partitions and table state move to the others.
+
+    Endpoints come from $EDGELOOP_HOME/infra.env and EDGELOOP_* variables; every setting
+    also reads EDGELOOP_AGENTS_<NAME>.
+    """
+    import faust
+
+    from edgeloop.agents.app import make_app
+    from edgeloop.agents.settings import AgentsSettings
+
+    home = edgeloop_home()
+    overrides = {k: v for k, v in options.items() if v is not None}
+    settings = AgentsSettings.load(**overrides)
+    # Paths not set anywhere default to this home's layout (not the working directory's).
+    unset = AgentsSettings.model_fields.keys() - settings.model_fields_set
+    defaults = {
+        "store": str(home / "trainer" / "store"),
+        "public_key": home / "keys" / "release.pub",
+        "data_dir": home / "agents",
+    }
+    settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
+    app = make_app(settings, KafkaSettings.load(), RegistrySettings.load())
+    # uvloop: the worker spends most of its time in the event loop's own machinery
+    # (Faust schedules several callbacks per event).
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # Faust owns the loop and the signals; our logging setup stays in place.
+    worker = faust.Worker(
+        app,
+        loglevel="info",
+        quiet=True,
+        override_logging=False,
+        redirect_stdouts=False,
+    )
+    worker.execute_from_commandline()
+
+
+@click.group()
+def fleet() -> None:
+    """Fleet metadata: DeviceRecords on the compacted fleet.devices.v1."""
+
+
+def _run(coro_fn: Any) -> Any:
+    from edgeloop.agents.fleet import FleetClient
+    from edgeloop.schemas.registry.client import RegistryClient
+
+    async def main() -> Any:
+        async with RegistryClient.from_settings(RegistrySettings.load()) as registry:
+            return await coro_fn(FleetClient(KafkaSettings.load(), registry))
+
+    return asyncio.run(main())
+
+
+def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--label")
+        out[key] = value
+    return out
+
+
+@fleet.command()
+@click.argument("device_id")
+@click.option("--cohort", default="default", show_default=True)
+@click.option("--hardware", default="raspberrypi5", show_default=True)
+@click.option("--target", default="pi5-cpu", show_default=True)
+@click.option("--site", default="", show_default=True)
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE (repeatable).")
+def register(device_id: str, labels: tuple[str, ...], **fields: str) -> None:
+    """Add DEVICE_ID to the fleet (or replace its record)."""
+    from edgeloop.agents.fleet import new_record
+
+    record = new_record(
+        device_id,
+        cohort=fields["cohort"],
+        hardware=fields["hardware"],
+        target=fields["target"],
+        site=fields["site"],
+        labels=_labels(labels),
+    )
+    _run(lambda client: client.write(record))
+    click.echo(f"registered {device_id} in cohort {fields['cohort']}")
+
+
+@fleet.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include decommissioned devices.")
+def list_(show_all: bool) -> None:
+    """Every device's latest record."""
+    devices = _run(lambda client: client.read())
+    for device_id in sorted(devices):
+        rec = devices[device_id]
+        if rec["decommissioned"] and not show_all:
+            continue
+        state = "decommissioned" if rec["decommissioned"] else "active"
+        labels = ",".join(f"{k}={v}" for k, v in sorted(rec["labels"].items()))
+        click.echo(
+            f"{device_id}\tcohort={rec['cohort']}\t{state}\thardware={rec['hardware']}\t"
+            f"target={rec['target']}\tsite={rec['site']}\tlabels={labels}"
+        )
+
+
+async def _update(client: Any, device_id: str, **changes: Any) -> None:
+    from edgeloop.agents.fleet import new_record
+    from edgeloop.core.errors import ConfigError
+
+    current = (await client.read()).get(device_id)
+    if current is None:
+        raise ConfigError(f"device {device_id!r} is not in the fleet: `edgeloop fleet register`")
+    fields: dict[str, Any] = {
+        k: current[k] for k in ("cohort", "hardware", "target", "site", "labels", "decommissioned")
+    }
+    fields.update(changes)
+    record = new_record(device_id, registered_at=current["registered_at"], **fields)
+    await client.write(record)
+
+
+@fleet.command("set-cohort")
+@click.argument("device_id")
+@click.argument("cohort")
+def set_cohort(device_id: str, cohort: str) -> None:
+    """Move DEVICE_ID to COHORT."""
+    _run(lambda client: _update(client, device_id, cohort=cohort))
+    click.echo(f"{device_id} is now in cohort {cohort}")
+
+
+@fleet.command()
+@click.argument("device_id")
+def decommission(device_id: str) -> None:
+    """Mark DEVICE_ID as having left the fleet (its record stays, flagged)."""
+    _run(lambda client: _update(client, device_id, decommissioned=True))
+    click.echo(f"{device_id} decommissioned")
