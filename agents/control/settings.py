@@ -128,7 +128,7 @@ class JudgeSettings(BaseModel):
     # One-sided significance level of every test (Kayenta judges at 98% confidence).
     alpha: float = Field(0.02, gt=0, lt=0.5)
     # Margins: how much worse the canary may be and still pass (absolute).
-    disagreement_margin: float = Field(0.02, ge=0, le=1)
+    disagreement_margin: float = Field(0.05, ge=0, le=1)
     offload_rate_margin: float = Field(0.05, ge=0, le=1)
     confidence_margin: float = Field(0.05, ge=0, le=1)  # Hodges-Lehmann shift, down
     latency_margin_ms: float = Field(2.0, ge=0)  # Hodges-Lehmann shift, up
@@ -141,7 +141,7 @@ class JudgeSettings(BaseModel):
     wave_shares: tuple[float, ...] = (0.25,)
     # Inconclusive windows a stage may extend before the candidate is rolled back: a
     # release is never promoted without evidence.
-    max_extensions: int = Field(3, ge=0)
+    max_extensions: int = Field(6, ge=0)
 
     @model_validator(mode="after")
     def _shares_grow(self) -> JudgeSettings:
