@@ -362,17 +362,13 @@ def _devices(
         if cohort is None or cohort not in state.cohorts:
             continue
         c = state.cohorts[cohort]
-        k = _k(c.tau, buckets)
-        limit = "none"
-        if values and _latency_ms(values, inputs.fleet) > settings.latency_slo_ms:
-            k, limit = 0, "latency SLO"
-        elif "uplink_bytes_per_s" in values:
-            budget = values["uplink_bytes_per_s"] * settings.uplink_share / settings.offload_bytes
-            window_s = values.get("window_s", 1.0)
-            rates = [values.get(bucket_key("conf", b), 0.0) / window_s for b in range(buckets)]
-            while k > 0 and scope_load(rates, k, c.audit_rate) > budget + _EPS:
-                k, limit = k - 1, "uplink budget"
-        tau = k / buckets
+        if values:
+            tau, limit = _device_tau(values, c, inputs.fleet, settings, buckets)
+        elif held is not None and cohort in emitted:
+            # No signals from it this window, but its cohort moved: re-assert the override.
+            tau, limit = min(held.tau, c.tau), "override kept"
+        else:
+            continue
         if tau < c.tau - _EPS:
             if held and held.tau == tau and cohort not in emitted:
                 continue
@@ -395,6 +391,26 @@ def _devices(
             _update(("DEVICE", dev, version), tau, c.audit_rate, text, signals, settings=settings)
         )
     return out
+
+
+def _device_tau(
+    values: Mapping[str, float],
+    c: CohortState,
+    fleet: Mapping[str, float],
+    settings: ThresholdSettings,
+    buckets: int,
+) -> tuple[float, str]:
+    """The largest tau up to the cohort's that the device's uplink and latency allow."""
+    if _latency_ms(values, fleet) > settings.latency_slo_ms:
+        return 0.0, "latency SLO"
+    k, limit = _k(c.tau, buckets), "none"
+    if "uplink_bytes_per_s" in values:
+        budget = values["uplink_bytes_per_s"] * settings.uplink_share / settings.offload_bytes
+        window_s = values.get("window_s", 1.0)
+        rates = [values.get(bucket_key("conf", b), 0.0) / window_s for b in range(buckets)]
+        while k > 0 and scope_load(rates, k, c.audit_rate) > budget + _EPS:
+            k, limit = k - 1, "uplink budget"
+    return k / buckets, limit
 
 
 def _update(

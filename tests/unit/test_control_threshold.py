@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import fastavro.validation
 import numpy as np
@@ -50,27 +51,28 @@ def drive(fleet, windows, *, events=None, restore=False):
     return trace
 
 
+@pytest.mark.parametrize("capacity", [20.0, 40.0])
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_halving_capacity_is_respected_within_the_documented_windows(seed):
-    fleet = standard_fleet(capacity=20.0, seed=seed)
-    change = 20
+def test_halving_capacity_is_respected_within_the_documented_windows(seed, capacity):
+    fleet = standard_fleet(capacity=capacity, seed=seed)
+    change, half = 20, capacity / 2
 
     def halve(f):
-        f.capacity = 10.0
+        f.capacity = half
 
     trace = drive(fleet, 40, events={change: halve})
     before = [r.offered_per_s for r, *_ in trace[10:change]]
     # Before: the controller uses the capacity it has (not a trivially low tau).
-    assert min(before) > 0.6 * 20.0
-    assert max(before) <= 20.0
+    assert min(before) > 0.6 * capacity
+    assert max(before) <= capacity
     # The window of the change itself runs on the old tau: it overloads the teacher.
-    assert trace[change][0].offered_per_s > 10.0
+    assert trace[change][0].offered_per_s > half
     # From the second window on, the fleet offers no more than the new capacity ...
     after = [r.offered_per_s for r, *_ in trace[change + SETTLE_WINDOWS - 1 :]]
-    assert max(after) <= 10.0, after
-    # ... still uses most of it, and the backlog of the change window drains: the lag
+    assert max(after) <= half, after
+    # ... still uses much of it, and the backlog of the change window drains: the lag
     # falls every window (C_eff leaves the teacher room) and is gone within 3 windows.
-    assert min(after) > 0.4 * 10.0
+    assert min(after) > 0.4 * half
     lags = [r.lag_s for r, *_ in trace[change:]]
     assert lags[0] > 0
     assert all(b < a or b == 0.0 for a, b in itertools.pairwise(lags))
@@ -79,7 +81,43 @@ def test_halving_capacity_is_respected_within_the_documented_windows(seed):
     cut = trace[change][3]
     assert {u["scope_id"] for u in cut} == {"indoor", "outdoor", "night"}
     assert all(u["reason"].startswith("over budget") for u in cut)
-    assert all(u["signals"]["capacity_per_s"] == 10.0 for u in cut)
+    assert all(u["signals"]["capacity_per_s"] == half for u in cut)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_deep_cut_is_respected_at_once_not_one_max_step_at_a_time(seed):
+    # 60/s -> 10/s needs tau to fall by more than max_step: a decrease the budget forces
+    # is applied in full, so the bound holds for any cut, not only for small ones.
+    def cut(f):
+        f.capacity = 10.0
+
+    trace = drive(standard_fleet(capacity=60.0, seed=seed), 32, events={20: cut})
+    assert max(r.offered_per_s for r, *_ in trace[21:]) <= 10.0
+    # The big backlog of the cut window drains (C_eff holds the load down meanwhile).
+    assert trace[20][0].lag_s > 100.0
+    assert all(r.lag_s == 0.0 for r, *_ in trace[27:])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_restored_capacity_is_used_again_within_the_step_bound(seed):
+    def halve(f):
+        f.capacity = 10.0
+
+    def restore(f):
+        f.capacity = 20.0
+
+    trace = drive(standard_fleet(capacity=20.0, seed=seed), 40, events={20: halve, 30: restore})
+    low = trace[29][1]
+    high = trace[39][1]
+    # Raising is voluntary: at most max_step per window, so it takes
+    # ceil(max rise / max_step) windows after the window that saw the capacity.
+    rise = max(high[n] - low[n] for n in high)
+    bound = math.ceil(rise / SETTINGS.max_step - 1e-9)
+    assert rise > 0
+    assert trace[30 + bound][1] == high
+    offered = [r.offered_per_s for r, *_ in trace[31 + bound :]]
+    assert min(offered) > 0.6 * 20.0
+    assert max(offered) <= 20.0
 
 
 @pytest.mark.parametrize("capacity", [20.0, 60.0])
@@ -179,9 +217,15 @@ def test_a_device_whose_uplink_cannot_carry_its_cohort_gets_its_own_lower_tau():
     assert device["tau"] < cohort_tau
     assert device["threshold_version"] > by_scope["COHORT", "lab"]["threshold_version"]
     assert device["reason"].startswith("uplink budget")
+    # A window without pi-2's signals (it was quiet) leaves its override standing.
+    quiet = WindowInputs(end + int(W * US), {"lab": cohort}, {"pi-1": ("lab", wide)})
+    # (Re-asserted with its version above the cohort's, as the cohort's tau still moves.)
+    quiet_updates = step(quiet, state, SETTINGS, B)
+    assert [u["tau"] for u in quiet_updates if u["scope_id"] == "pi-2"] in ([], [device["tau"]])
+    assert state.overrides["pi-2"].tau == device["tau"]
     # The uplink recovers: the override is cleared by an update back to the cohort's tau.
     wide2 = {**narrow, "uplink_bytes_per_s": 1e6}
-    inputs2 = WindowInputs(end + int(W * US), {"lab": cohort}, {"pi-2": ("lab", wide2)})
+    inputs2 = WindowInputs(end + 2 * int(W * US), {"lab": cohort}, {"pi-2": ("lab", wide2)})
     cleared = [u for u in step(inputs2, state, SETTINGS, B) if u["scope"] == "DEVICE"]
     assert [(u["scope_id"], u["tau"]) for u in cleared] == [("pi-2", state.cohorts["lab"].tau)]
     assert state.overrides == {}
