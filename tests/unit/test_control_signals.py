@@ -162,3 +162,22 @@ def test_histogram_helpers():
     with pytest.raises(ValueError, match="differ in buckets"):
         psi([1, 2, 3], [1, 2], 1e-4)
     assert np.isnan(latency_quantile([0] * 88, 0.5))
+
+
+def test_observations_read_the_records_the_schemas_define():
+    from edgeloop.schemas.samples import example_record
+
+    event = example_record(get("InferenceEvent"), seed=1)
+    obs = InferenceObs.from_record(event)
+    lat = event["latency"]
+    assert (
+        obs.latency_ms == (lat["preprocess_us"] + lat["inference_us"] + lat["decision_us"]) / 1000
+    )
+    request = example_record(get("OffloadRequest"), seed=2) | {"reason": "AUDIT"}
+    verdict = example_record(get("CloudVerdict"), seed=3) | {"agree": False}
+    v = VerdictObs.from_records(request, verdict, audit_rate=0.05)
+    assert (v.inclusion_prob, v.agree, v.ts_us) == (0.05, False, verdict["ts"])
+    offload = VerdictObs.from_records(request | {"reason": "OFFLOAD"}, verdict, audit_rate=0.05)
+    assert offload.inclusion_prob == 1.0
+    status = StatusObs.from_record(example_record(get("DeviceStatus"), seed=4))
+    assert status.outbox_depth >= 0

@@ -270,3 +270,21 @@ def test_empty_buckets_take_the_prior_and_estimates_fall_with_confidence():
     assert all(0.0 < x < 1.0 for x in p)
     assert all(a >= b for a, b in itertools.pairwise(p))
     assert p[-1] == pytest.approx(1 - (B - 0.5) / B)
+
+
+def test_settings_come_from_the_environment_frozen_and_checked(monkeypatch):
+    from pydantic import ValidationError
+
+    from edgeloop.agents.control.settings import ControlSettings, JudgeSettings
+
+    monkeypatch.setenv("EDGELOOP_CONTROL_THRESHOLD__DEADBAND", "0.15")
+    monkeypatch.setenv("EDGELOOP_CONTROL_JUDGE__MIN_SAMPLES", "80")
+    s = ControlSettings()
+    assert (s.threshold.deadband, s.judge.min_samples) == (0.15, 80)
+    assert s.signals.window_s == 60.0
+    with pytest.raises(ValidationError):
+        s.threshold.deadband = 0.3  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="must increase"):
+        JudgeSettings(canary_share=0.3, wave_shares=(0.25,))
+    with pytest.raises(ValidationError, match="audit_drift"):
+        ThresholdSettings(audit_floor=0.2, audit_drift=0.1)
