@@ -78,26 +78,46 @@ def pava_nonincreasing(values: Sequence[float], weights: Sequence[float]) -> lis
     return out
 
 
-def error_estimates(evidence: Evidence, buckets: int, prior_strength: float) -> list[float]:
+def pooled(evidences: Sequence[Evidence], buckets: int) -> Evidence:
+    """The sum of several scopes' evidence (the fleet's, for a shared prior)."""
+    out = Evidence([0.0] * buckets, [0.0] * buckets, [0.0] * buckets)
+    for ev in evidences:
+        for b in range(min(buckets, len(ev.w))):
+            out.w[b] += ev.w[b]
+            out.wy[b] += ev.wy[b]
+            out.w2[b] += ev.w2[b]
+    return out
+
+
+def error_estimates(
+    evidence: Evidence,
+    buckets: int,
+    prior_strength: float,
+    prior: Sequence[float] | None = None,
+) -> list[float]:
     """p_b for every bucket: the posterior means made monotone (module docstring).
 
     Args:
         evidence: the forgotten weighted sums (may be empty: all priors).
         buckets: B.
         prior_strength: s, the prior's pseudo-sample count.
+        prior: the prior means m_b; default the calibration prior 1 - confidence. The
+            controller passes the fleet's pooled estimate (empirical Bayes): cohorts run
+            the same model, so a cohort's few audits refine the fleet's curve instead of
+            standing alone.
 
     Returns:
         B estimates in (0, 1), non-increasing in the bucket index.
     """
     raw, weights = [], []
     for b in range(buckets):
-        prior = 1.0 - (b + 0.5) / buckets
+        m_b = 1.0 - (b + 0.5) / buckets if prior is None else prior[b]
         w = evidence.w[b] if b < len(evidence.w) else 0.0
         if w > 0:
             hajek = evidence.wy[b] / w
             n_eff = w * w / evidence.w2[b]
         else:
             hajek, n_eff = 0.0, 0.0
-        raw.append((prior_strength * prior + n_eff * hajek) / (prior_strength + n_eff))
+        raw.append((prior_strength * m_b + n_eff * hajek) / (prior_strength + n_eff))
         weights.append(prior_strength + n_eff)
     return pava_nonincreasing(raw, weights)

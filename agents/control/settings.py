@@ -55,10 +55,10 @@ class ThresholdSettings(BaseModel):
     headroom: float = Field(0.1, ge=0, lt=0.5)
     # An increase or a voluntary decrease of tau smaller than this is ignored (deadband).
     # One bucket (0.05 with 20 buckets) absorbs a bucket flipping on noise.
-    deadband: float = Field(0.1, ge=0, le=0.5)
+    deadband: float = Field(0.05, ge=0, le=0.5)
     # Voluntary changes (not forced by the budget) are taken only when they raise the
     # expected value V (errors fixed per second, net of min_error per call) by this share.
-    min_gain: float = Field(0.05, ge=0, lt=1)
+    min_gain: float = Field(0.1, ge=0, lt=1)
     # Largest voluntary change of tau per window. A decrease that the budget forces is
     # applied in full at once (overload must end within the documented bound).
     max_step: float = Field(0.2, gt=0, le=1)
@@ -71,9 +71,11 @@ class ThresholdSettings(BaseModel):
     min_error: float = Field(0.03, ge=0, le=1)
     # Beta prior strength (pseudo-samples) around the calibration prior 1 - confidence.
     prior_strength: float = Field(2.0, gt=0)
+    # Strength (pseudo-samples) of the fleet's pooled curve as each cohort's prior.
+    pool_strength: float = Field(20.0, gt=0)
     # Weight of past windows' verdict evidence per window (exponential forgetting), and
     # the faster forgetting of a drifting cohort.
-    decay: float = Field(0.85, gt=0, lt=1)
+    decay: float = Field(0.92, gt=0, lt=1)
     decay_drift: float = Field(0.3, gt=0, lt=1)
     # Weight of the newest window in the per-bucket traffic rate estimate (EWMA).
     rate_alpha: float = Field(0.5, gt=0, le=1)
@@ -83,8 +85,9 @@ class ThresholdSettings(BaseModel):
     # Share of a device's measured uplink the offloads may use, and the bytes per offload.
     uplink_share: float = Field(0.5, gt=0, le=1)
     offload_bytes: float = Field(4096.0, gt=0)
-    # Factory tau a scope starts from before its first update.
-    initial_tau: float = Field(0.5, ge=0, le=1)
+    # What a scope runs before its first update: the edge's factory default
+    # (EdgeSettings.tau, 0.8), so the first decision computes the load it really has.
+    initial_tau: float = Field(0.8, ge=0, le=1)
     # How devices compute confidence; tau and the histograms mean that kind.
     confidence_kind: Literal["MAX_PROB", "MARGIN", "ENTROPY"] = "MAX_PROB"
 

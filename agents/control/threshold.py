@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeloop.agents.control.estimate import Evidence, error_estimates
+from edgeloop.agents.control.estimate import Evidence, error_estimates, pooled
 from edgeloop.agents.control.settings import ThresholdSettings
 from edgeloop.agents.control.signals import bucket_key
 from edgeloop.agents.ids import derived_id
@@ -213,9 +213,14 @@ def _observe(
             a = settings.rate_alpha
             c.rates = [a * o + (1 - a) * r for o, r in zip(observed, c.rates, strict=True)]
         c.audit_rate = settings.audit_drift if c.drifting else settings.audit_floor
-        w.errors[name] = error_estimates(c.evidence, buckets, settings.prior_strength)
         slow = _latency_ms(values, fleet) > settings.latency_slo_ms
         w.caps[name] = 0 if slow else buckets
+    # Empirical Bayes: the fleet's pooled curve (calibration prior, strength s) is each
+    # cohort's prior (strength s_pool); a drifting cohort's own evidence soon outweighs it.
+    fleet_ev = pooled([c.evidence for c in state.cohorts.values()], buckets)
+    fleet_p = error_estimates(fleet_ev, buckets, settings.prior_strength)
+    for name, c in state.cohorts.items():
+        w.errors[name] = error_estimates(c.evidence, buckets, settings.pool_strength, fleet_p)
     return w
 
 

@@ -78,8 +78,10 @@ class Fleet:
         off_s: dict[str, float] = {}
         aud_s: dict[str, float] = {}
         for name, m in sorted(self.cohorts.items()):
-            k = round(taus.get(name, 0.5) * B)
-            a = audits.get(name, 0.02)
+            # Before the first update a device runs the edge's factory default (tau 0.8,
+            # no audits).
+            k = round(taus.get(name, 0.8) * B)
+            a = audits.get(name, 0.0)
             counts = self.rng.poisson(m.rate * W * m.pmf)
             v: dict[str, float] = {"window_s": W, "events": float(counts.sum())}
             n_off = n_aud = 0
@@ -90,7 +92,8 @@ class Fleet:
                     sent, weight = n, 1.0
                     n_off += n
                 else:
-                    sent, weight = int(self.rng.binomial(n, a)), 1.0 / a
+                    sent = int(self.rng.binomial(n, a))
+                    weight = 1.0 / a if a > 0 else 0.0
                     n_aud += sent
                 wrong = int(self.rng.binomial(sent, m.err[b]))
                 v[bucket_key("vw", b)] = sent * weight
