@@ -53,7 +53,7 @@ class ThresholdSettings(BaseModel):
     # Raising tau must fit the budget with this margin; noise then cannot push a settled
     # tau over the budget and back (the hysteresis band on load).
     headroom: float = Field(0.1, ge=0, lt=0.5)
-    # An increase or a voluntary decrease of tau smaller than this is ignored (deadband).
+    # An increase or a voluntary decrease of tau no larger than this is ignored (deadband).
     # One bucket (0.05 with 20 buckets) absorbs a bucket flipping on noise.
     deadband: float = Field(0.05, ge=0, le=0.5)
     # Voluntary changes (not forced by the budget) are taken only when they raise the
