@@ -77,7 +77,11 @@ class BottomK:
 
 @dataclass(slots=True)
 class Arm:
-    """One arm's evidence over the stage so far."""
+    """One arm's evidence over the stage so far.
+
+    The counters assume deduplicated input (the dedupe stage runs first); the rank-test
+    samples dedupe themselves by event id.
+    """
 
     k: int
     events: int = 0
