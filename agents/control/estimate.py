@@ -10,6 +10,7 @@ S_w2 = sum w^2 (exponentially forgotten across windows):
     h_b     = S_wy / S_w                   Hajek (self-normalised) error rate
     n_eff_b = S_w^2 / S_w2                 Kish effective sample size
     m_b     = 1 - (b + 1/2) / B            calibration prior: P(wrong) = 1 - confidence
+                                           (or a given prior: the fleet's pooled curve)
     p_b     = (s m_b + n_eff_b h_b) / (s + n_eff_b)     Beta(s m_b, s (1 - m_b)) posterior mean
 
 so an empty bucket is its prior (never 0 or 1), and a heavily weighted audit sample

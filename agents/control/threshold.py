@@ -14,8 +14,10 @@ all (cohort, bucket) pairs in order of decreasing p_cb, each costing r_cb (1 - a
 taken while load <= (1 - headroom) C_eff and p_cb >= min_error, gives every cohort its
 target tau*_c. Stability: a decrease the budget forces (load(tau) > C_eff) is applied in
 full at once; any other change must exceed the deadband, moves at most max_step per
-window, and an increase is taken only if the fleet load with it stays within
-(1 - headroom) C_eff.
+window, an increase is taken only if the fleet load with it stays within
+(1 - headroom) C_eff, and the voluntary moves of a window are taken together only if
+they raise V = sum of r_cb (p_cb - min_error) over offloaded buckets by min_gain.
+Each cohort's error prior is the fleet's pooled curve (empirical Bayes, estimate.py).
 
 Versions: threshold_version = 4 * window_end_ms + rank (COHORT 1, DEVICE 2), from the
 window alone, so a replay after a crash yields the same version and never a lower one; a
