@@ -44,6 +44,14 @@ def test_membership_score_is_the_documented_formula_and_stable() -> None:
     )
 
 
+def test_the_judge_and_the_devices_agree_on_membership() -> None:
+    from edgeloop.agents.control import judge
+
+    for i in range(500):
+        device = f"dev-{i}"
+        assert judge.membership_score(MODEL, 5, device) == membership_score(MODEL, 5, device)
+
+
 def test_share_zero_selects_nobody_and_share_one_everybody() -> None:
     ids = [f"dev-{i}" for i in range(2000)]
     assert not any(in_rollout(MODEL, 3, d, 0.0) for d in ids)
