@@ -4,8 +4,7 @@ Same contract as the paho intake (`intake.py`): messages in arrival order throug
 `batch()`, `ack()` by packet id once Kafka has the record, the Receive Maximum announced
 in CONNECT as the only flow control (which Mosquitto 2.0.11 overshoots on a backlog, so
 the deque may hold more than the window; see docs/architecture.md). Everything runs on the
-event loop: no
-thread, no lock; PUBACKs of one loop iteration leave in one write.
+event loop: no thread, no lock; PUBACKs of one loop iteration leave in one write.
 
 What the hand-written receive path guarantees (each was a fault once):
 
