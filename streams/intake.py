@@ -7,14 +7,24 @@ broker until a reconnect; the bridge must acknowledge only after Kafka has the r
 paho 2.x offers manual acknowledgements, and running its network loop on its own thread
 let the MQTT receive path and asyncio's Kafka path use the second core (measured on a
 2-core machine before the bridge was written: 6.5k msg/s against 3.3k for aiomqtt with
-one task per message). Flow control is the broker's: the
-MQTT 5 Receive Maximum caps unacknowledged messages, so the hand-off deque can never hold
-more than that many entries.
+one task per message). Flow control is the broker's: the MQTT 5 Receive Maximum is
+announced in CONNECT, but Mosquitto 2.0.11 sends far more than it on a backlog (each
+PUBACK can release up to a whole window; see docs/architecture.md), so the hand-off
+deque may hold more than the window. Nothing of it reaches Kafka before the uplink takes
+it, so a graceful stop leaves what was not taken with the broker.
+
+A graceful stop's last PUBACKs must reach the broker: closing a TCP socket whose receive
+buffer holds unread bytes (the broker keeps writing up to the stop) makes the kernel send
+RST and drop what it has not sent yet, our last PUBACKs and DISCONNECT included, and the
+broker redelivers records Kafka already has. `_LingeringClient` reads and discards until
+the broker closes the connection after our DISCONNECT, and only then closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 import ssl
 import threading
 import time
@@ -23,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, _ConnectionState
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -43,6 +53,38 @@ class Incoming:
     # Packet ids are per connection: an ack must never reach a later connection, where
     # the same mid may name another message. The broker redelivers the unacked ones.
     generation: int
+
+
+# After our DISCONNECT, how long to wait for the broker to close the connection (it does
+# at once) before closing it ourselves.
+_LINGER_S = 5.0
+
+
+def _read_until_closed(sock: socket.socket | ssl.SSLSocket, timeout_s: float) -> None:
+    """Read and discard until the peer closes the connection, or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            readable, _, _ = select.select([sock], [], [], left)
+            if readable and not sock.recv(65536):
+                return  # the broker closed: nothing unread, so our close sends FIN
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            continue
+        except (OSError, ValueError):
+            return
+
+
+class _LingeringClient(paho.Client):
+    """paho's client, except that a connection it ends itself (DISCONNECT written) is
+    closed only once the broker closed it: see the module docstring. `_sock_close` is
+    paho's private hook (paho-mqtt 2.1, pinned below 3 in pyproject.toml); paho calls it
+    right after writing DISCONNECT, and on errors (then this waits for nothing)."""
+
+    def _sock_close(self) -> None:
+        sock = self._sock
+        if sock is not None and self._state == _ConnectionState.MQTT_CS_DISCONNECTING:
+            _read_until_closed(sock, _LINGER_S)  # type: ignore[arg-type]
+        super()._sock_close()
 
 
 class MqttIntake:
@@ -70,7 +112,7 @@ class MqttIntake:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = threading.Event()
         self.connection_count = 0
-        self._client = paho.Client(
+        self._client = _LingeringClient(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
         )
         self._client.manual_ack_set(True)

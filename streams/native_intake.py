@@ -1,9 +1,10 @@
 """MQTT intake on asyncio with the hand-made MQTT 5 codec (see mqtt_wire for why).
 
 Same contract as the paho intake (`intake.py`): messages in arrival order through
-`batch()`, `ack()` by packet id once Kafka has the record, the broker's Receive Maximum as
-the only flow control. Everything runs on the event loop: no thread, no lock; PUBACKs of
-one loop iteration leave in one write.
+`batch()`, `ack()` by packet id once Kafka has the record, the Receive Maximum announced
+in CONNECT as the only flow control (which Mosquitto 2.0.11 overshoots on a backlog, so
+the deque may hold more than the window; see docs/architecture.md). Everything runs on the
+event loop: no thread, no lock; PUBACKs of one loop iteration leave in one write.
 
 What the hand-written receive path guarantees (each was a fault once):
 
@@ -19,6 +20,13 @@ What the hand-written receive path guarantees (each was a fault once):
   keep-alive (the server's Server Keep Alive when it sets one), and a connection that
   stays silent for a whole keep-alive after a PINGREQ (no PINGRESP, nothing else either)
   is lost: it is aborted and the intake reconnects. The 1.5x rule is the server's.
+- **A graceful stop's last PUBACKs arrive.** Closing a TCP socket whose receive buffer
+  still holds unread bytes makes the kernel send RST and drop what it has not sent yet,
+  our last PUBACKs and the DISCONNECT included. The broker keeps writing up to the stop
+  (Mosquitto 2.0.11 sends far more than the Receive Maximum on a backlog, see
+  docs/architecture.md), so the socket is never closed with data pending: after
+  DISCONNECT the intake reads and discards until the broker closes the connection
+  (bounded by `_LINGER_S`), and only then closes its end.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ log = get_logger(__name__)
 # Reconnecting to the broker: 0.5 s doubling to 10 s, jittered (many bridges must not
 # reconnect in lockstep after a broker restart).
 _RECONNECT = Backoff(initial_s=0.5, max_s=10.0)
+# After our DISCONNECT, how long to wait for the broker to close the connection (it does
+# at once) before closing it ourselves.
+_LINGER_S = 5.0
 
 
 class _Connection(asyncio.Protocol):
@@ -51,6 +62,8 @@ class _Connection(asyncio.Protocol):
         self.partial = bytearray()
         self.need = 0
         self.transport: asyncio.Transport | None = None
+        # Set once our DISCONNECT is written: what still comes is read and discarded.
+        self.stopping = False
         self.last_received = time.monotonic()
         loop = asyncio.get_running_loop()
         self.connack: asyncio.Future[wire.Connack] = loop.create_future()
@@ -63,6 +76,8 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
+        if self.stopping:
+            return  # read only so that closing sends FIN, not RST (module docstring)
         if self.partial:
             # Append only (amortised linear); parse once the packet is complete.
             self.partial += data
@@ -157,21 +172,24 @@ class NativeIntake:
             ) from None
 
     def stop(self) -> None:
-        """Send the acknowledgements queued so far, then DISCONNECT (normal) and close."""
-        if self._conn and self._conn.transport and not self._conn.transport.is_closing():
+        """Send the acknowledgements queued so far, then DISCONNECT (normal); the broker
+        closes the connection, or we do after `_LINGER_S` (see the module docstring)."""
+        conn = self._conn
+        if conn and conn.transport and not conn.transport.is_closing() and not conn.stopping:
             self._flush()
-            self._conn.transport.write(wire.DISCONNECT_PACKET)
-            self._conn.transport.close()
+            conn.transport.write(wire.DISCONNECT_PACKET)
+            conn.stopping = True
+            asyncio.get_running_loop().call_later(_LINGER_S, conn.transport.close)
         if self._task:
             self._task.cancel()
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """`stop()`, then wait (at most `timeout_s`) until the connection is closed.
 
-        A transport's `close()` only schedules the close: its buffered bytes (the last
-        PUBACKs and the DISCONNECT) are written by the event loop afterwards. A process
-        that ends right after `stop()` may end before they are, and the broker then
-        redelivers messages whose records are already in Kafka.
+        The last PUBACKs and the DISCONNECT are written by the event loop after `stop()`,
+        and the broker has read them once it closes the connection. A process that ends
+        before that may lose them, and the broker then redelivers messages whose records
+        are already in Kafka. After `timeout_s` the connection is closed regardless.
         """
         conn = self._conn
         self.stop()
@@ -179,6 +197,7 @@ class NativeIntake:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
                     await conn.closed
+            conn.transport.close()
 
     async def batch(self, max_items: int) -> list[Incoming]:
         while not self._pending:
@@ -215,7 +234,13 @@ class NativeIntake:
 
     def _flush(self) -> None:
         conn = self._conn
-        if self._acks and conn and conn.transport and not conn.transport.is_closing():
+        if (
+            self._acks
+            and conn
+            and conn.transport
+            and not conn.transport.is_closing()
+            and not conn.stopping  # nothing may follow our DISCONNECT
+        ):
             conn.transport.write(b"".join(self._acks))
         self._acks.clear()
 

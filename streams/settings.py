@@ -24,8 +24,9 @@ class BridgeSettings(_Base):
     # a crash (persistent session) and redelivers them after the restart.
     client_id: str = "edgeloop-bridge-1"
     session_expiry_s: int = Field(3600, ge=0)
-    # MQTT 5 Receive Maximum: the most unacknowledged QoS 1 messages the broker sends us.
-    # It is the bridge's in-flight window, so it bounds both memory and duplicates.
+    # MQTT 5 Receive Maximum: the most unacknowledged QoS 1 messages the broker should
+    # send us. Mosquitto 2.0.11 sends more on a backlog (docs/architecture.md, "Receive
+    # Maximum"), so it bounds neither memory nor duplicates on its own.
     receive_maximum: int = Field(1000, ge=1, le=65535)
     # Payload cap: a bigger payload is dead-lettered (`oversize`). The bridge announces
     # this plus room for the topic and properties as its MQTT Maximum Packet Size, so the

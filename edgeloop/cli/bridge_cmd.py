@@ -8,6 +8,14 @@ from typing import Any
 import click
 
 from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
+from edgeloop.streams.settings import BridgeSettings
+
+
+def _default(name: str) -> str:
+    """The shown default of an option: BridgeSettings' own, which applies when neither the
+    option nor its EDGELOOP_BRIDGE_* variable is given (click's default stays None, so
+    the variable is not overridden)."""
+    return str(BridgeSettings.model_fields[name].default)
 
 
 @click.command()
@@ -17,11 +25,14 @@ from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
     "--client-id",
     help="Stable MQTT client id of this process; each bridge process "
     "needs its own. [env EDGELOOP_BRIDGE_CLIENT_ID]",
+    show_default=_default("client_id"),
 )
 @click.option(
     "--receive-maximum",
     type=int,
-    help="In-flight window: unacknowledged QoS 1 messages the broker may send.",
+    help="MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send "
+    "(Mosquitto 2.0.11 exceeds it on a backlog; see docs/architecture.md).",
+    show_default=_default("receive_maximum"),
 )
 @click.option(
     "--validation",
@@ -30,14 +41,20 @@ from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
     "spec forbids and timestamps outside the window (EDGELOOP_BRIDGE_MIN_TIMESTAMP_US / "
     "EDGELOOP_BRIDGE_MAX_TIMESTAMP_US) are dead-lettered; header: check the single-object "
     "header and fingerprint only (faster, but forbidden values then reach Kafka).",
+    show_default=_default("validation"),
 )
 @click.option(
     "--intake",
     type=click.Choice(["native", "paho"]),
-    help="MQTT receive path: native (asyncio MQTT 5, fast; default) or paho (paho-mqtt on "
-    "its own thread).",
+    help="MQTT receive path: native (asyncio MQTT 5, fast) or paho (paho-mqtt on its own thread).",
+    show_default=_default("intake"),
 )
-@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port.")
+@click.option(
+    "--metrics-port",
+    type=int,
+    help="Serve Prometheus /metrics on this port.",
+    show_default="off",
+)
 def bridge(**options: Any) -> None:
     """Move device events from MQTT into Kafka, and control events from Kafka back to the
     devices. Endpoints come from $EDGELOOP_HOME/infra.env and EDGELOOP_* variables; each
@@ -49,7 +66,6 @@ def bridge(**options: Any) -> None:
     the load through the MQTT shared subscription.
     """
     from edgeloop.streams.bridge import run_bridge
-    from edgeloop.streams.settings import BridgeSettings
 
     overrides = {k: v for k, v in options.items() if v is not None}
     settings = BridgeSettings.load(**overrides)

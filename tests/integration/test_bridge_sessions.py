@@ -18,6 +18,8 @@ from edgeloop.infra.ports import free_port
 from edgeloop.infra.testing import InfraEndpoints
 from edgeloop.schemas.topics import UplinkKind, mqtt_uplink
 from edgeloop.streams import mqtt_wire as wire
+from edgeloop.streams.intake import Incoming, MqttIntake
+from edgeloop.streams.native_intake import NativeIntake
 from tests.integration.bridge_support import (
     BridgeProcess,
     check_delivery,
@@ -303,3 +305,101 @@ async def test_sigterm_under_load_drains_so_a_restart_duplicates_nothing(
     )
     expected = {f"{prefix}-{d}:{s}" for d in range(20) for s in range(400)}
     check_delivery(got.event_ids, got.keys, expected, window=0, ordered=False)
+
+
+@pytest.mark.parametrize("intake", ["native", "paho"])
+async def test_sigterm_right_after_a_paused_backlog_duplicates_nothing(
+    infra_stack: InfraEndpoints, bridges: list[BridgeProcess], tmp_path: Path, intake: str
+) -> None:
+    """A small window, a backlog queued while the bridge was paused, and SIGTERM a moment
+    after it resumes (while the broker is still pouring the backlog in): whatever the
+    broker sent, a graceful stop leaves no record both in Kafka and unacknowledged, so
+    the restarted bridge duplicates nothing. Mosquitto 2.0 sends a paused client more
+    than its Receive Maximum (see docs/architecture.md, "Receive Maximum"); this once
+    left 378 duplicates with the paho intake."""
+    await prepare(infra_stack)
+    prefix = f"w{uuid.uuid4().hex[:6]}"
+    bridge = BridgeProcess(
+        infra_stack.home,
+        f"bridge-{prefix}",
+        tmp_path / "bridge.log",
+        receive_maximum=50,
+        EDGELOOP_BRIDGE_SHARE_GROUP=prefix,
+        EDGELOOP_BRIDGE_INTAKE=intake,
+    )
+    bridges.append(bridge)
+    bridge.start()
+    await bridge.subscribed()
+    assert bridge.proc is not None
+    messages = encoded_events(devices=10, per_device=300, prefix=prefix)
+    bridge.proc.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.to_thread(
+            publish_events, mqtt_settings(infra_stack), messages, client_id=f"load-{prefix}"
+        )
+    finally:
+        bridge.proc.send_signal(signal.SIGCONT)
+    await asyncio.sleep(0.3)
+    bridge.stop()  # SIGTERM while the backlog is still arriving
+    assert bridge.proc.returncode == 0, bridge.log.read_text()
+    bridge.start()
+    got = await collect(
+        infra_stack.kafka.bootstrap,
+        "edge.inference.v1",
+        len(messages),
+        key_prefix=f"{prefix}-",
+        timeout_s=120,
+        idle_s=20,
+    )
+    expected = {f"{prefix}-{d}:{s}" for d in range(10) for s in range(300)}
+    check_delivery(got.event_ids, got.keys, expected, window=0, ordered=False)
+
+
+async def _batch_or_none(intake: MqttIntake | NativeIntake, timeout_s: float) -> list[Incoming]:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await intake.batch(100_000)
+    except TimeoutError:
+        return []
+
+
+@pytest.mark.parametrize("intake_type", [NativeIntake, MqttIntake], ids=["native", "paho"])
+async def test_the_last_pubacks_before_a_close_reach_the_broker(
+    infra_stack: InfraEndpoints, intake_type: type[MqttIntake | NativeIntake]
+) -> None:
+    """Acknowledge everything received, then close while the broker is still writing (it
+    overshoots the window of 50 on a backlog): every acknowledged message is settled at
+    the broker, so a resumed session brings back exactly the unacknowledged ones. A
+    socket closed with bytes unread sends RST, and the broker then dropped the last
+    PUBACKs (the paho intake used to close at once). A guard: whether the old close lost
+    PUBACKs here depended on timing."""
+    mqtt = mqtt_settings(infra_stack)
+    client_id = f"c{uuid.uuid4().hex[:6]}"
+    topic_filter = f"$share/{client_id}/edgeloop/+/up/#"
+    messages = encoded_events(devices=10, per_device=300, size=2000, prefix=client_id)
+    intake = intake_type(
+        mqtt, client_id=client_id, topic_filter=topic_filter, receive_maximum=50,
+        session_expiry_s=300,
+    )  # fmt: skip
+    await intake.start()
+    await asyncio.to_thread(publish_events, mqtt, messages, client_id=f"load-{client_id}")
+    acked = 0
+    for _ in range(4):  # each PUBACK releases more: the broker is writing at the close
+        batch = await _batch_or_none(intake, 5)
+        for item in batch:
+            intake.ack(item)
+        acked += len(batch)
+        await asyncio.sleep(0.05)
+    await intake.close()
+    assert acked > 0
+
+    resumed = NativeIntake(
+        mqtt, client_id=client_id, topic_filter=topic_filter, receive_maximum=65535,
+        session_expiry_s=0,
+    )  # fmt: skip
+    await resumed.start()
+    back = 0
+    while batch := await _batch_or_none(resumed, 3):
+        back += len(batch)
+    await resumed.close()
+    assert back == len(messages) - acked, f"{acked} acknowledged, {back} came back"

@@ -8,7 +8,9 @@ device keeps them: the outbox fills until the disk refuses writes. Two disks:
 - `tmpfs`: the whole state dir on a tiny tmpfs (needs root to mount).
 
 Then a subscriber for everything appears: the outbox drains, space frees, and the
-events decided from then on are stored and delivered again. Every InferenceEvent is
+events decided from then on are stored and delivered again. The device keeps deciding
+until it reports ONLINE again (however slow the machine, the frames never run out before
+storing resumes), then its source stops and it exits drained. Every InferenceEvent is
 accounted for: delivered, or counted as not stored.
 """
 
@@ -18,7 +20,7 @@ import asyncio
 import os
 import subprocess
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,29 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgeloop.edge.source import ArraySource, Frame
 from edgeloop.infra.mosquitto import Mosquitto
 from tests.integration.test_edge_daemon import CODEC, EdgeModels, bootstrap_models, until
 
 pytestmark = pytest.mark.integration
 
-EVENTS = 1500
+# Generous bounds for a loaded machine: waits end as soon as the behaviour shows.
+WAIT_S = 180
+
+
+@dataclass
+class UntilStopped:
+    """Frames from `source` until `stop` is set: the test, not a frame count, decides when
+    the device has decided enough."""
+
+    source: ArraySource
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        async for frame in self.source.frames():
+            if self.stop.is_set():
+                return
+            yield frame
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +120,6 @@ async def test_a_full_disk_degrades_the_device_and_storing_resumes(
 ) -> None:
     from edgeloop.edge.daemon import EdgeDaemon, Endpoint
     from edgeloop.edge.settings import EdgeSettings
-    from edgeloop.edge.source import ArraySource
     from edgeloop.tasks.digits import DigitsTask, load_raw
 
     broker = await mosquitto_factory()
@@ -109,15 +127,15 @@ async def test_a_full_disk_degrades_the_device_and_storing_resumes(
     device = f"full-{uuid.uuid4().hex[:6]}"
     settings = EdgeSettings(
         device_id=device, state_dir=directory, initial_model=models.student_v1,
-        pubkey=models.pubkey, status_interval_s=0.3, max_events=EVENTS,
-        exit_when_drained=True, outbox_max_bytes=max_bytes, outbox_reserve_bytes=128 * 1024,
+        pubkey=models.pubkey, status_interval_s=0.3, exit_when_drained=True,
+        outbox_max_bytes=max_bytes, outbox_reserve_bytes=128 * 1024,
         reconnect_min_s=0.05, reconnect_max_s=0.5,
     )  # fmt: skip
     images, _ = load_raw()
     tls = broker.device_credentials(device).ssl_context()
+    source = UntilStopped(ArraySource(images, rate_hz=150))
     daemon = EdgeDaemon(
-        settings, Endpoint(broker.host, broker.tls_port, tls),
-        ArraySource(images, rate_hz=150), DigitsTask(),
+        settings, Endpoint(broker.host, broker.tls_port, tls), source, DigitsTask(),
     )  # fmt: skip
     statuses = TopicCollector(broker, f"edgeloop/{device}/up/status", f"st-{device}")
     everything = TopicCollector(broker, f"edgeloop/{device}/up/#", f"all-{device}")
@@ -139,18 +157,35 @@ async def test_a_full_disk_degrades_the_device_and_storing_resumes(
             seq_when_full = daemon.outbox.next_seq
             degraded_gauge = daemon.metrics.storage_degraded.labels(device)._value.get()
 
-            # A subscriber for everything: the outbox drains and space frees.
+            # A subscriber for everything: the outbox drains and space frees. The device
+            # keeps deciding until storing has resumed: an ONLINE status after the
+            # DEGRADED one, and an event decided after the disk filled delivered.
             tasks.append(tg.create_task(everything.run()))
+            degraded_seq = next(
+                r["seq"] for r in statuses.of("DeviceStatus") if r["state"] == "DEGRADED"
+            )
+            await until(
+                lambda: any(
+                    r["seq"] > degraded_seq and r["state"] == "ONLINE"
+                    and r["storage_error"] is None for r in statuses.of("DeviceStatus")
+                ), WAIT_S, "an ONLINE status after storing resumed",
+            )  # fmt: skip
+            await until(
+                lambda: any(r["seq"] > seq_when_full for r in everything.of("InferenceEvent")),
+                WAIT_S, "an event decided after the disk filled, delivered",
+            )  # fmt: skip
+            source.stop.set()  # enough decided: the device exits once everything is delivered
             try:
-                async with asyncio.timeout(180):
+                async with asyncio.timeout(WAIT_S):
                     await run  # returns once every stored event was delivered
             except TimeoutError:
                 sizes = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
                 raise AssertionError(f"not drained; state dir {sizes}") from None
+            decided = daemon.stats.frames
             unstored = daemon.metrics.outbox_unstored.labels(device, "inference")._value.get()
             await until(
                 lambda: len({r["seq"] for r in everything.of("InferenceEvent")}) + unstored
-                >= EVENTS, 60, "the last deliveries at the subscriber",
+                >= decided, 60, "the last deliveries at the subscriber",
             )  # fmt: skip
         finally:
             for task in [*tasks, run]:
@@ -169,5 +204,5 @@ async def test_a_full_disk_degrades_the_device_and_storing_resumes(
     assert any(seq > seq_when_full for seq in delivered)
     # Every decision is accounted for: delivered, or counted as not stored.
     assert unstored > 0
-    assert len(delivered) + unstored == EVENTS
-    print(f"delivered={len(delivered)} unstored={unstored:.0f} of {EVENTS}")
+    assert len(delivered) + unstored == decided
+    print(f"delivered={len(delivered)} unstored={unstored:.0f} of {decided}")
