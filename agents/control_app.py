@@ -219,8 +219,12 @@ def register(app: Any, ctx: Context, settings: ControlSettings, agent: Any) -> C
         The `ControlAgents`.
     """
     s = ctx.settings
+    # use_partitioner: the state is written after a `take_events` batch, outside Faust's
+    # current-event context (without it the write raises "Cannot modify table key from
+    # outside of stream iteration" and the changelog never gets the state).
     table = app.Table(
         "control", default=None, key_type=bytes, value_type=bytes, partitions=1,
+        use_partitioner=True,
         help="the control plane's state (signals windows, controller, triggers)",
     )  # fmt: skip
     control = ControlAgents(ctx, settings, table)
@@ -244,7 +248,14 @@ def register(app: Any, ctx: Context, settings: ControlSettings, agent: Any) -> C
     async def partitions_moved(*_: Any, **__: Any) -> None:
         control.forget()
 
+    # The stall watchdog (Context.update_lag) for the topics only the control plane reads.
+    watched = frozenset({"cloud.verdicts.v1", "ml.hard-examples.v1", control.log_topic})
+
+    async def watch() -> None:
+        ctx.watch_lag(watched)
+
     app.task(start)
+    app.timer(5.0)(watch)
     app.on_partitions_revoked.connect(partitions_moved)
     app.on_partitions_assigned.connect(partitions_moved)
     return control
