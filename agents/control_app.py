@@ -39,6 +39,7 @@ from edgeloop.agents.control_stage import (
     tick,
 )
 from edgeloop.agents.records import Out, Raw
+from edgeloop.agents.verdict_stage import OFFLOAD
 from edgeloop.core.errors import DecodeError
 from edgeloop.core.logs import get_logger
 from edgeloop.schemas import catalog
@@ -166,9 +167,28 @@ class ControlAgents:
         if not self.ctx.ready.is_set():
             return
         try:
-            await self.ctx.produce([Out(self.log_topic, LOG_KEY, encode(tick(now_us())))])
+            obs = tick(now_us(), self.offload_lag_s())
+            await self.ctx.produce([Out(self.log_topic, LOG_KEY, encode(obs))])
         except Exception:
             log.warning("control tick not appended", exc_info=True)
+
+    def offload_lag_s(self) -> float | None:
+        """The offload backlog this worker holds, in seconds at the cloud capacity
+        (messages behind on its `edge.offload.v1` partitions / offloads per second);
+        None when it runs no verdict stage. Each worker sees only its partitions: the FLEET
+        window keeps the largest tick's value, a lower bound of the fleet's backlog."""
+        if not self.ctx.settings.verdicts:
+            return None
+        consumer = self.ctx.app.consumer
+        behind = 0
+        for tp in consumer.assignment():
+            if tp.topic != OFFLOAD:
+                continue
+            high = consumer.highwater(tp)
+            read = consumer._read_offset.get(tp)  # faust: no public read position
+            if high is not None:
+                behind += max(high - (read + 1 if read is not None else 0), 0)
+        return behind / self.s.threshold.cloud_capacity_per_s
 
     def _load(self) -> ControlState:
         if self._state is None:

@@ -188,3 +188,19 @@ def test_state_survives_the_changelog_round_trip() -> None:
     step, state = ControlStep(settings()), ControlState()
     run(step, [*scripted_log(3), hard(0, 0)], state)
     assert snapshot(state).to_json() == state.to_json()
+
+
+def test_offload_lag_in_ticks_lowers_the_budget_the_controller_uses() -> None:
+    def budgets(lag_s: float | None) -> list[float]:
+        log = scripted_log(3)
+        log = [tick(o["ts"], lag_s) if o["k"] == "tick" else o for o in log]
+        out = run(ControlStep(settings()), log, ControlState())
+        return [
+            r["signals"]["effective_capacity_per_s"]
+            for t, _, r in out
+            if t == THRESHOLDS_TOPIC and r["scope"] == "COHORT"
+        ]
+
+    assert set(budgets(None)) == {5.0}
+    # 60 s behind of a 120 s drain horizon halves the budget: C_eff = C (1 - 60 / 120).
+    assert budgets(60.0)[-1] == 2.5
