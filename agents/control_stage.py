@@ -303,6 +303,10 @@ class ControlStep:
     def _signals(self, closed: list[dict[str, Any]], state: ControlState) -> list[Output]:
         """Emit the closed windows; run the controller once per window end, and feed COHORT
         PSI to the drift trigger."""
+        uncovered = float(state.triggers.uncovered) if state.triggers is not None else 0.0
+        for r in closed:
+            if r["scope"] == "FLEET":  # `edgeloop control status` reads it from here
+                r["values"]["hard_examples_uncovered"] = uncovered
         out: list[Output] = [(SIGNALS_TOPIC, r["scope_id"], r) for r in closed]
         by_end: dict[int, list[dict[str, Any]]] = {}
         for r in closed:

@@ -173,3 +173,16 @@ async def test_a_killed_control_worker_loses_no_trigger_and_never_regresses_a_ve
         last[u["scope_id"]] = u["threshold_version"]
     for scope_id, version in last.items():
         assert version == max(v for s, v in content if s == scope_id), scope_id
+
+    # `edgeloop control status` shows each cohort's newest version.
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "edgeloop", "control", "status", "--model", model],
+        env={**os.environ, "EDGELOOP_HOME": str(infra_stack.home)}, check=True, timeout=120,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    rows = {line.split("\t")[0]: line.split("\t") for line in shown.stdout.splitlines()}
+    for scope_id, version in last.items():
+        if scope_id in cohorts:
+            assert rows[scope_id][2] == str(version), shown.stdout
+    assert "hard examples since the last trigger: " in shown.stdout, shown.stdout

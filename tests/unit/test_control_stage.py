@@ -204,3 +204,12 @@ def test_offload_lag_in_ticks_lowers_the_budget_the_controller_uses() -> None:
     assert set(budgets(None)) == {5.0}
     # 60 s behind of a 120 s drain horizon halves the budget: C_eff = C (1 - 60 / 120).
     assert budgets(60.0)[-1] == 2.5
+
+
+def test_fleet_signals_carry_the_hard_examples_no_trigger_covers_yet() -> None:
+    step = ControlStep(settings(hard_examples=100))
+    log = [inference("north-0", "north", T0, 0.3), hard(0, 0), hard(0, 1),
+           tick(T0 + 10 * US)]  # fmt: skip
+    out = run(step, log, ControlState())
+    fleet = next(r for t, _, r in out if t == SIGNALS_TOPIC and r["scope"] == "FLEET")
+    assert fleet["values"]["hard_examples_uncovered"] == 2.0
