@@ -7,6 +7,7 @@ Key = device id, so compaction keeps each device's latest record.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -60,6 +61,18 @@ def new_record(
     }
 
 
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    """Stop a group-less consumer. aiokafka 0.14 can raise CancelledError from `stop()`
+    by awaiting its own cancelled committed-offsets task (seen on Apache Kafka); that is
+    not a cancellation of ours, so it is swallowed unless this task is being cancelled."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
 class FleetClient:
     """Reads the whole fleet topic, writes one record at a time (acks=all)."""
 
@@ -94,6 +107,9 @@ class FleetClient:
         await consumer.start()
         fleet: dict[str, DeviceRecord] = {}
         try:
+            # A group-less consumer knows no topic until asked: fetch the metadata first.
+            if FLEET_TOPIC not in await consumer.topics():
+                return fleet
             parts = consumer.partitions_for_topic(FLEET_TOPIC) or set()
             tps = [TopicPartition(FLEET_TOPIC, p) for p in sorted(parts)]
             if not tps:
@@ -113,7 +129,7 @@ class FleetClient:
                         if msg.offset + 1 >= ends[tp]:
                             remaining.discard(tp)
         finally:
-            await consumer.stop()
+            await _stop(consumer)
         return fleet
 
     def _apply(

@@ -422,7 +422,7 @@ class EdgeDaemon:
             "frames_dropped": self.queue.dropped if self.queue is not None else 0,
             "uptime_s": time.monotonic() - self.stats.started,
             "rtt_ms": uplink.rtt_ms if uplink is not None else None,
-            "uplink_bytes_per_s": None,
+            "uplink_bytes_per_s": uplink.throughput.sample() if uplink is not None else None,
             "last_error": last_error,
             "outbox_quarantined": self.outbox.quarantined,
             "outbox_unstored": self.outbox.unstored,

@@ -30,6 +30,13 @@ class DeviceState:
     model_version: int = 0
     # Why the last model release was not applied (reported in DeviceStatus.last_error).
     last_refusal: str | None = None
+    # Versions a ROLLBACK withdrew (newest last, at most MAX_WITHDRAWN): never installed
+    # again by a CANARY/WAVE/FULL, so a redelivered release cannot undo a rollback.
+    withdrawn: tuple[int, ...] = ()
+
+
+# Old entries matter little: a release older than the running version is refused anyway.
+MAX_WITHDRAWN = 32
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -65,6 +72,7 @@ class StateFile:
                 threshold=threshold,
                 model_version=int(doc.get("model_version", 0)),
                 last_refusal=doc.get("last_refusal"),
+                withdrawn=tuple(int(v) for v in doc.get("withdrawn", ())),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"device state file {self.path} is unreadable: {exc}") from exc

@@ -2,13 +2,14 @@
 
 Order of a release (each step can refuse; a refusal keeps the running model, is counted
 by reason and reported in DeviceStatus.last_error):
-1. stage, cohort, model name, version (strictly newer), target: from the event, before
-   any download;
+1. stage, cohort, membership (share), model name, version (strictly newer, or the one
+   a ROLLBACK names), target: from the event, before any download (`release_rules`);
 2. download the artifact dir over HTTP(S) (or file:// for a local store), streamed to
    disk and capped per file after decoding (`edge/download.py`);
 3. the manifest's sha256 must be the one the release names;
 4. `verify_artifact`: signature, file hashes, no unsigned files, target, no rollback
-   (min_version = the running version), validity window;
+   (min_version = the running version; for a ROLLBACK: exactly the named version),
+   validity window;
 5. copy into the inactive slot, build the session and warm it up on the worker thread;
 6. switch the `current` link (disk), then the pipeline's model reference (memory).
 A frame is served by the model it started with; no frame sees a half-loaded session.
@@ -36,23 +37,22 @@ from edgeloop.core.logs import get_logger
 from edgeloop.edge.download import download_artifact
 from edgeloop.edge.inference import LoadedModel, ModelLoadError, SessionConfig, load_model
 from edgeloop.edge.metrics import EdgeMetrics
+from edgeloop.edge.release_rules import (
+    APPLY_STAGES,
+    FLEET_COHORTS,
+    ReleaseRefusedError,
+    Running,
+    decide,
+    supersedes,
+    withdraws,
+)
 from edgeloop.edge.slots import ModelSlots
-from edgeloop.edge.state import StateFile
+from edgeloop.edge.state import MAX_WITHDRAWN, StateFile
 from edgeloop.schemas.events import ModelRelease
 
+__all__ = ["APPLY_STAGES", "FLEET_COHORTS", "ModelUpdater", "ReleaseRefusedError"]
+
 log = get_logger(__name__)
-
-APPLY_STAGES = frozenset({"CANARY", "WAVE", "FULL", "ROLLBACK"})
-# Cohort names a release may use to mean every device.
-FLEET_COHORTS = frozenset({"*", "all", "fleet"})
-
-
-class ReleaseRefusedError(ArtifactError):
-    """A release was not applied; `reason` is the metric label."""
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
 
 
 class ModelUpdater:
@@ -118,8 +118,8 @@ class ModelUpdater:
     # -- releases -------------------------------------------------------------------------
 
     def submit(self, release: ModelRelease) -> None:
-        """Queue a release; only the newest waiting one is kept (each supersedes the last)."""
-        if self._latest is None or release["model_version"] >= self._latest["model_version"]:
+        """Queue a release; one waiting release is kept (`release_rules.supersedes`)."""
+        if supersedes(release, self._latest):
             self._latest = release
         self._ready.set()
 
@@ -158,21 +158,21 @@ class ModelUpdater:
     async def _apply(self, release: ModelRelease) -> LoadedModel | str:
         """The new model, or why nothing was to be done (not an error)."""
         current = self.model
-        if release["stage"] not in APPLY_STAGES:
-            return "ignored_stage"  # REFUSED / UNKNOWN: a record of the rollout
-        if release["cohort"] != self.cohort and release["cohort"] not in FLEET_COHORTS:
-            return "other_cohort"  # e.g. a canary for another cohort
-        if current is not None and release["model_name"] != current.name:
-            raise ReleaseRefusedError(
-                f"is not the model this device runs ({current.name})", reason="model_name"
-            )
         running = current.version if current is not None else 0
-        if release["model_version"] <= running:
-            return "stale"  # retained releases come back on every reconnect: not an error
-        if release["target"] != self.target:
-            raise ReleaseRefusedError(
-                f"targets {release['target']!r}, this device is {self.target!r}", reason="target"
-            )
+        facts = Running(
+            device_id=self.device_id,
+            cohort=self.cohort,
+            target=self.target,
+            model_name=current.name if current is not None else None,
+            version=running,
+            withdrawn=frozenset(self.state.current.withdrawn),
+        )
+        withdrawn = withdraws(release, facts)
+        if withdrawn is not None:
+            await asyncio.to_thread(self._remember_withdrawn, withdrawn)
+        decision = decide(release, facts)
+        if isinstance(decision, str):
+            return decision
         with tempfile.TemporaryDirectory(dir=self.slots.root, prefix=".download-") as tmp:
             art = Path(tmp) / "artifact"
             await download_artifact(release["artifact_url"], art, self.download_timeout_s)
@@ -184,7 +184,11 @@ class ModelUpdater:
                     reason="manifest_hash",
                 )
             manifest = await asyncio.to_thread(
-                verify_artifact, art, self.public_key, min_version=running, target=self.target
+                verify_artifact,
+                art,
+                self.public_key,
+                min_version=decision.min_version,
+                target=self.target,
             )
             if manifest.model_name != release["model_name"] or (
                 manifest.version != release["model_version"]
@@ -207,8 +211,13 @@ class ModelUpdater:
         )
         self.metrics.applied_version.labels(self.device_id, "model").set(manifest.version)
         log.info(
-            "model swapped",
+            "model rolled back" if decision.rollback else "model swapped",
             extra={"device": self.device_id, "model": manifest.model_name, "from": running,
                    "to": manifest.version},
         )  # fmt: skip
         return model
+
+    def _remember_withdrawn(self, version: int) -> None:
+        withdrawn = self.state.current.withdrawn
+        if version not in withdrawn:
+            self.state.update(withdrawn=(*withdrawn, version)[-MAX_WITHDRAWN:])

@@ -41,6 +41,7 @@ from edgeloop.edge import paho_compat
 from edgeloop.edge.metrics import EdgeMetrics
 from edgeloop.edge.outbox import Outbox, OutboxStorageError, Refusal, Row
 from edgeloop.edge.puback import Disposition, classify, reason_name
+from edgeloop.edge.rates import ThroughputMeter
 from edgeloop.schemas.topics import DownlinkKind, UplinkKind, mqtt_downlink, mqtt_uplink
 
 log = get_logger(__name__)
@@ -123,7 +124,10 @@ class MqttUplink:
         self._unsettled: tuple[list[int], list[Refusal]] = ([], [])
         self.connected = asyncio.Event()
         self.last_error: str | None = None
+        # CONNECT -> CONNACK at each connect, then each window's first publish -> PUBACK:
+        # a status reports the link as it is now, not as it was at the last reconnect.
         self.rtt_ms: float | None = None
+        self.throughput = ThroughputMeter()
         self._m_connected = metrics.connected.labels(config.device_id)
         self._m_depth = metrics.outbox_depth.labels(config.device_id)
 
@@ -270,7 +274,10 @@ class MqttUplink:
         if not fut.done() or fut.cancelled():
             self._acks.pop(info.mid, None)
             return False
-        return classify(fut.result().value) is Disposition.DELIVERED
+        if classify(fut.result().value) is not Disposition.DELIVERED:
+            return False
+        self.throughput.add(len(payload))
+        return True
 
     async def _watch_partition(self) -> None:
         while not self.impairment.partitioned():  # noqa: ASYNC110 - a deadline set by the simulator
@@ -342,6 +349,7 @@ class MqttUplink:
         paho = client._client
         loop = asyncio.get_running_loop()
         futures: list[tuple[Row, asyncio.Future[ReasonCode]]] = []
+        sent = time.perf_counter()
         for row in rows:
             info = paho.publish(
                 mqtt_uplink(cfg.device_id, UplinkKind(row.kind)), row.payload, qos=1
@@ -356,11 +364,16 @@ class MqttUplink:
         retry_reasons: set[str] = set()
         rejected: Row | None = None
         now = time.time_ns() // 1000
+        first = True
         async with asyncio.timeout(ACK_TIMEOUT_S):
             for row, fut in futures:
                 code = (await fut).value
+                if first:
+                    self.rtt_ms = (time.perf_counter() - sent) * 1000.0
+                    first = False
                 disposition = classify(code)
                 if disposition is Disposition.DELIVERED:
+                    self.throughput.add(len(row.payload))
                     self.metrics.published.labels(cfg.device_id, row.kind).inc()
                     self.metrics.publish_latency.labels(cfg.device_id).observe(
                         max(0, now - row.created_us) / 1e6

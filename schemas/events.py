@@ -194,6 +194,9 @@ class ModelRelease(TypedDict):
     target: str
     parent_version: int | None
     reason: str
+    # The fraction of the cohort's devices a CANARY/WAVE step applies to, chosen by
+    # edgeloop.artifacts.rollout.membership_score (Avro default 1.0: every device).
+    share: float
 
 
 class OffloadRequest(TypedDict):

@@ -106,7 +106,11 @@ def run(*, device_id: str, cert: Path | None, key: Path | None, ca: Path | None,
         raise ConfigError("no CA certificate: pass --ca or run `infra up` first")
     for what, path in (("certificate", cert), ("key", key), ("CA", ca)):
         if not path.exists():
-            raise ConfigError(f"device {what} {path} does not exist")
+            raise ConfigError(
+                f"device {what} {path} does not exist: issue one from the development CA "
+                f"with `edgeloop edge enroll {device_id}` (or pass --cert/--key/--ca from "
+                "your own CA)"
+            )
     settings = EdgeSettings.load(
         home,
         device_id=device_id,
@@ -215,3 +219,22 @@ def simulate(*, devices: int, prefix: str, cohorts: str, drift_schedule: tuple[s
 
     asyncio.run(main())
     click.echo(f"simulated {devices} devices: {sim.totals()}")
+
+
+@edge.command()
+@click.argument("device_id")
+def enroll(device_id: str) -> None:
+    """Issue DEVICE_ID's mTLS client certificate (CN = DEVICE_ID) from the development CA
+    that `edgeloop infra up` created in $EDGELOOP_HOME/pki, and print where it is.
+
+    Mosquitto's ACL lets a device publish only under `edgeloop/<CN>/`. Idempotent: a
+    still-valid certificate is kept. For a real fleet, issue certificates from your own
+    CA (docs/architecture.md) and pass --cert/--key/--ca to `edge run`.
+    """
+    from edgeloop.infra.pki import DevPki
+
+    mqtt: MqttSettings = MqttSettings.load(edgeloop_home())
+    if mqtt.pki_dir is None:
+        raise ConfigError("no development CA: run `edgeloop infra up` first (EDGELOOP_PKI_DIR)")
+    creds = DevPki(mqtt.pki_dir).device_cert(device_id)
+    click.echo(f"certificate {creds.cert}\nkey         {creds.key}\nCA          {creds.ca}")
