@@ -2,10 +2,12 @@
 "Control plane", "Wiring").
 
     edge.inference.v1, edge.offload.v1, edge.status.v1,
-    cloud.verdicts.v1, ml.hard-examples.v1  --control-forward-->  <app_id>-control-log
+    cloud.verdicts.v1, ml.hard-examples.v1,
+    ml.model-releases.v1                    --control-forward-->  <app_id>-control-log
     timer (tick_s)                          ----------------->   <app_id>-control-log
     <app_id>-control-log  --control-->  ml.signals.v1, control.thresholds.v1,
-                                        ml.training-triggers.v1   (table `control`)
+                                        ml.training-triggers.v1, ml.model-releases.v1
+                                        (table `control`)
 
 The control log has one partition: COHORT and FLEET windows and the triggers' offset
 ranges need every device's and every partition's records in one place, and one log gives
@@ -27,6 +29,7 @@ from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.context import Context, now_us
 from edgeloop.agents.control.settings import ControlSettings
 from edgeloop.agents.control_stage import (
+    RELEASES_TOPIC,
     SIGNALS_TOPIC,
     THRESHOLDS_TOPIC,
     TRIGGERS_TOPIC,
@@ -52,6 +55,7 @@ SOURCES = (
     "edge.status.v1",
     "cloud.verdicts.v1",
     "ml.hard-examples.v1",
+    "ml.model-releases.v1",
 )
 STATE_KEY = b"control"
 LOG_KEY = b"control"
@@ -59,6 +63,7 @@ OUTPUT_SCHEMAS = {
     SIGNALS_TOPIC: "StreamSignal",
     THRESHOLDS_TOPIC: "ThresholdUpdate",
     TRIGGERS_TOPIC: "TrainingTrigger",
+    RELEASES_TOPIC: "ModelRelease",
 }
 
 

@@ -3,7 +3,8 @@
 Two steps, both pure (no Faust, no Kafka, no clock):
 
 `observation(schema_name, rec, raw)` reduces one decoded source record (InferenceEvent,
-OffloadRequest, CloudVerdict, DeviceStatus, HardExample) to a small JSON observation.
+OffloadRequest, CloudVerdict, DeviceStatus, HardExample, ModelRelease) to a small JSON
+observation.
 The worker appends these to the control log, a one-partition internal topic: COHORT and
 FLEET windows need every device's events in one place, and the trigger state needs every
 hard-example partition's offsets in one place. The log's order is the order the control
@@ -11,7 +12,8 @@ step sees, so replaying it yields the same outputs.
 
 `ControlStep.apply(obs, offset, state)` advances the control state by one log record:
 signal windows (agents/control/signals.py), the threshold controller once per closed
-window (threshold.py), and the training triggers (triggers.py). `state.offset` is the last
+window (threshold.py), the training triggers (triggers.py), and the rollout judge
+(judge.py) once per window end for each cohort's rollout. `state.offset` is the last
 log offset applied: a record at or below it (a redelivery after a crash, when the table's
 changelog already holds the state after it) is skipped, so no observation counts twice.
 Outputs are (topic, key, Avro-shaped dict); their ids and versions derive from the windows
@@ -25,13 +27,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeloop.agents.control import signals, threshold, triggers
+from edgeloop.agents.control import judge, signals, threshold, triggers
 from edgeloop.agents.control.settings import ControlSettings
 from edgeloop.agents.records import Raw
 
 SIGNALS_TOPIC = "ml.signals.v1"
 THRESHOLDS_TOPIC = "control.thresholds.v1"
 TRIGGERS_TOPIC = "ml.training-triggers.v1"
+RELEASES_TOPIC = "ml.model-releases.v1"
 
 INFERENCE_EVENT = "edgeloop.v1.InferenceEvent"
 ENRICHED_EVENT = "edgeloop.v1.EnrichedInferenceEvent"
@@ -39,6 +42,7 @@ OFFLOAD_REQUEST = "edgeloop.v1.OffloadRequest"
 CLOUD_VERDICT = "edgeloop.v1.CloudVerdict"
 DEVICE_STATUS = "edgeloop.v1.DeviceStatus"
 HARD_EXAMPLE = "edgeloop.v1.HardExample"
+MODEL_RELEASE = "edgeloop.v1.ModelRelease"
 
 
 def observation(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str, Any] | None:
@@ -59,7 +63,7 @@ def observation(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str,
     """
     if schema_name in (INFERENCE_EVENT, ENRICHED_EVENT):
         o = signals.InferenceObs.from_record(rec)
-        return {"k": "inf", **_fields(o)}
+        return {"k": "inf", "event_id": str(rec["event_id"]), **_fields(o)}
     if schema_name == OFFLOAD_REQUEST:
         return {
             "k": "req",
@@ -76,9 +80,17 @@ def observation(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str,
             "ts": int(rec["ts"]),
             "agree": bool(rec["agree"]),
             "latency_ms": float(rec["latency_ms"]),
+            "model_version": int(rec["model_version"]),
         }
     if schema_name == DEVICE_STATUS:
         return {"k": "st", **_fields(signals.StatusObs.from_record(rec))}
+    return _log_records(schema_name, rec, raw)
+
+
+def _log_records(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str, Any] | None:
+    """Observations of the agents' own logs: releases and hard examples."""
+    if schema_name == MODEL_RELEASE:
+        return {"k": "rel", **{k: rec[k] for k in _RELEASE_FIELDS}}
     if schema_name == HARD_EXAMPLE:
         return {
             "k": "hard",
@@ -88,6 +100,10 @@ def observation(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str,
             "ts": int(rec["ts"]),
         }
     return None
+
+
+_RELEASE_FIELDS = ("model_name", "model_version", "cohort", "stage", "wave", "artifact_url",
+                   "manifest_sha256", "target", "parent_version")  # fmt: skip
 
 
 def _fields(obs: signals.InferenceObs | signals.StatusObs) -> dict[str, Any]:
@@ -139,6 +155,11 @@ class ControlState:
     fired: int = 0
     # device id -> its cohort as its latest event said (one entry per device of the fleet)
     devices: dict[str, str] = field(default_factory=dict)
+    # cohort -> its newest FULL release (a rollout's parent: what a ROLLBACK reinstalls)
+    full: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # cohort -> its rollout (the newest CANARY's), JSON as judge.RolloutState.to_json
+    rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rollouts_unparented: int = 0  # CANARY releases whose parent's FULL release was unknown
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (the changelog value)."""
@@ -152,6 +173,9 @@ class ControlState:
             "hard_since_trigger": self.hard_since_trigger,
             "fired": self.fired,
             "devices": self.devices,
+            "full": self.full,
+            "rollouts": self.rollouts,
+            "rollouts_unparented": self.rollouts_unparented,
         }
 
     @classmethod
@@ -168,6 +192,9 @@ class ControlState:
             hard_since_trigger=int(data["hard_since_trigger"]),
             fired=int(data["fired"]),
             devices=dict(data["devices"]),
+            full=dict(data["full"]),
+            rollouts=dict(data["rollouts"]),
+            rollouts_unparented=int(data["rollouts_unparented"]),
         )
 
 
@@ -210,23 +237,81 @@ class ControlStep:
             "hard": self._hard,
             "tick": self._tick,
             "manual": self._manual,
+            "rel": self._release,
         }.get(kind)
         if handler is None:
             raise ValueError(f"unknown observation kind {kind!r}")
         return handler(obs, state)
 
     def _observe(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
-        fields = {k: v for k, v in obs.items() if k != "k"}
+        fields = {k: v for k, v in obs.items() if k not in ("k", "event_id", "model_version")}
         item: signals.Obs | None
         if obs["k"] == "inf":
-            item = signals.InferenceObs(**fields)
+            item = signals.InferenceObs(**fields, model_version=int(obs["model_version"]))
+            self._judge_event(obs, item, state)
         elif obs["k"] == "st":
             item = signals.StatusObs(**fields)
         else:
             item = self._verdict(obs, state)
+            if item is not None:
+                self._judge_verdict(obs, item.cohort, state)
         if item is None:
             return []
         return self._signals(signals.observe(item, state.signals, self.s.signals), state)
+
+    def _release(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
+        """A release on `ml.model-releases.v1` (the trainer's, or our own steps read back):
+        FULL releases are the parents rollbacks reinstall; a new CANARY starts a rollout."""
+        rel = {k: v for k, v in obs.items() if k != "k"}
+        cohort, version = str(rel["cohort"]), int(rel["model_version"])
+        if rel["stage"] == "FULL":
+            if version >= int(state.full.get(cohort, {}).get("model_version", -1)):
+                state.full[cohort] = rel
+            return []
+        current = state.rollouts.get(cohort)
+        if rel["stage"] != "CANARY" or (current is not None and current["version"] >= version):
+            return []  # a step of ours read back, or an older/repeated canary
+        parent = state.full.get(cohort)
+        if parent is None or int(parent["model_version"]) != rel.get("parent_version"):
+            state.rollouts_unparented += 1  # no artifact to roll back to: not judged
+            return []
+        state.rollouts[cohort] = judge.start(rel, parent, self.s.judge).to_json()
+        return []
+
+    def _rollout(self, cohort: str, state: ControlState) -> judge.RolloutState | None:
+        data = state.rollouts.get(cohort)
+        return None if data is None else judge.RolloutState.from_json(data)
+
+    def _judge_event(
+        self, obs: Mapping[str, Any], item: signals.InferenceObs, state: ControlState
+    ) -> None:
+        rollout = self._rollout(item.cohort, state)
+        arm = rollout.arm(item.model_version) if rollout is not None else None
+        if rollout is not None and arm is not None:
+            arm.add_event(str(obs["event_id"]), item.confidence, item.latency_ms,
+                          item.decision == "OFFLOAD")  # fmt: skip
+            state.rollouts[item.cohort] = rollout.to_json()
+
+    def _judge_verdict(self, obs: Mapping[str, Any], cohort: str, state: ControlState) -> None:
+        rollout = self._rollout(cohort, state)
+        arm = rollout.arm(int(obs["model_version"])) if rollout is not None else None
+        if rollout is not None and arm is not None:
+            arm.add_verdict(bool(obs["agree"]))
+            state.rollouts[cohort] = rollout.to_json()
+
+    def _judge_windows(self, end: int, state: ControlState) -> list[Output]:
+        out: list[Output] = []
+        for cohort in sorted(state.rollouts):
+            rollout = self._rollout(cohort, state)
+            assert rollout is not None
+            steps, _ = judge.judge_window(end, rollout, self.s.judge)
+            state.rollouts[cohort] = rollout.to_json()
+            for rec in steps:
+                # The devices install a CANARY/WAVE step iff membership_score < share.
+                rec["share"] = judge.share(rollout, self.s.judge) if rollout.stage in (
+                    "CANARY", "WAVE") else 1.0  # fmt: skip
+                out.append((RELEASES_TOPIC, cohort, rec))
+        return out
 
     def _manual(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
         trig = self._triggers(state, None)
@@ -327,6 +412,7 @@ class ControlStep:
                 updates = threshold.step(inputs, state.controller, self.s.threshold,
                                          self.s.signals.buckets)  # fmt: skip
                 out.extend((THRESHOLDS_TOPIC, u["scope_id"], u) for u in updates)
+            out.extend(self._judge_windows(end, state))
             if state.triggers is not None:
                 for r in rs:
                     if r["scope"] == "COHORT":

@@ -42,7 +42,8 @@ def settings(**trig: Any) -> ControlSettings:
 
 def inference(device: str, cohort: str, ts: int, confidence: float) -> dict[str, Any]:
     rec = {
-        "device_id": device, "cohort": cohort, "ts": ts, "model_version": 1,
+        "event_id": f"{device}:{ts}", "device_id": device, "cohort": cohort, "ts": ts,
+        "model_version": 1,
         "confidence": confidence, "decision": "OFFLOAD" if confidence < 0.8 else "LOCAL",
         "latency": {"preprocess_us": 100, "inference_us": 900, "decision_us": 10},
     }  # fmt: skip
@@ -133,7 +134,7 @@ def test_a_verdict_joins_its_request_and_one_without_request_is_ignored() -> Non
         raw,
     )
     verdict = {"request_event_id": "r1", "device_id": "north-0", "ts": T0, "agree": False,
-               "latency_ms": 12.0}  # fmt: skip
+               "latency_ms": 12.0, "model_version": 1}  # fmt: skip
     orphan = {**verdict, "request_event_id": "nobody"}
     log = [req, observation("edgeloop.v1.CloudVerdict", verdict, raw),
            observation("edgeloop.v1.CloudVerdict", orphan, raw), tick(T0 + 10 * US)]  # fmt: skip
@@ -213,3 +214,56 @@ def test_fleet_signals_carry_the_hard_examples_no_trigger_covers_yet() -> None:
     out = run(step, log, ControlState())
     fleet = next(r for t, _, r in out if t == SIGNALS_TOPIC and r["scope"] == "FLEET")
     assert fleet["values"]["hard_examples_uncovered"] == 2.0
+
+
+def release(stage: str, version: int, parent: int | None) -> dict[str, Any]:
+    rec = {
+        "model_name": "digits-student", "model_version": version, "cohort": "north",
+        "stage": stage, "wave": 0, "artifact_url": f"store://v{version}",
+        "manifest_sha256": f"sha{version}", "target": "pi5-cpu", "parent_version": parent,
+    }  # fmt: skip
+    obs = observation("edgeloop.v1.ModelRelease", rec, Raw(b"", None, "r", 0, 0))
+    assert obs is not None
+    return obs
+
+
+def arm_log(version: int, n: int, confidence: float, disagree_every: int) -> list[dict[str, Any]]:
+    """n events of `version` in window 0, each offloaded, each with its verdict."""
+    raw, log = Raw(b"", None, "t", 0, 0), []
+    for i in range(n):
+        ts = T0 + i * 1000
+        device = f"v{version}-{i % 4}"
+        event = {**inference(device, "north", ts, confidence), "model_version": version,
+                 "event_id": f"{device}:{i}", "decision": "OFFLOAD"}  # fmt: skip
+        req = {"event_id": f"req-{version}-{i}", "cohort": "north",
+               "confidence": confidence, "reason": "OFFLOAD"}  # fmt: skip
+        verdict = {"request_event_id": f"req-{version}-{i}", "device_id": device, "ts": ts,
+                   "agree": i % disagree_every != 0, "latency_ms": 10.0,
+                   "model_version": version}  # fmt: skip
+        log += [event, observation("edgeloop.v1.OffloadRequest", req, raw),
+                observation("edgeloop.v1.CloudVerdict", verdict, raw)]  # fmt: skip
+    return [o for o in log if o is not None]
+
+
+def rollout(n: int, canary_confidence: float, canary_disagree_every: int) -> list[dict[str, Any]]:
+    log = [release("FULL", 1, None), release("CANARY", 2, 1)]
+    log += arm_log(1, n, 0.5, 10) + arm_log(2, n, canary_confidence, canary_disagree_every)
+    log.append(tick(T0 + 10 * US))
+    out = run(ControlStep(settings()), log, ControlState())
+    return [r for t, _, r in out if t == "ml.model-releases.v1"]
+
+
+def test_the_judge_rolls_back_a_worse_canary_to_its_parent() -> None:
+    steps = rollout(200, 0.3, 2)  # half its verdicts disagree (control: one in ten)
+    assert [(r["stage"], r["model_version"], r["share"]) for r in steps] == [("ROLLBACK", 1, 1.0)]
+    assert steps[0]["artifact_url"] == "store://v1"
+    assert "judge failed" in steps[0]["reason"]
+
+
+def test_the_judge_promotes_a_better_canary_to_the_first_wave() -> None:
+    steps = rollout(200, 0.5, 50)
+    assert [(r["stage"], r["model_version"], r["share"]) for r in steps] == [("WAVE", 2, 0.25)]
+
+
+def test_the_judge_waits_when_samples_are_too_few() -> None:
+    assert rollout(10, 0.3, 2) == []
