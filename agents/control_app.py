@@ -94,6 +94,12 @@ class ControlMetrics:
             "Hard examples not yet covered by a trigger",
             registry=r,
         )
+        self.release = Gauge(
+            "edgeloop_control_release_version",
+            "Model version of the newest rollout step the judge took, per cohort and stage",
+            ["cohort", "stage"],
+            registry=r,
+        )
         self.outputs = Counter(
             "edgeloop_control_outputs_total", "Control records produced", ["topic"], registry=r
         )
@@ -119,6 +125,8 @@ class ControlMetrics:
                 budget = rec["signals"].get("effective_capacity_per_s")
                 if budget is not None:
                     self.budget.set(budget)
+            elif topic == RELEASES_TOPIC:
+                self.release.labels(rec["cohort"], rec["stage"]).set(rec["model_version"])
         self.hard.set(state.triggers.uncovered if state.triggers is not None else 0)
 
 
