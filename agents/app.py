@@ -34,6 +34,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edgeloop.agents.context import FLEET, STATUS, Context, now_us
+from edgeloop.agents.control.settings import ControlSettings
 from edgeloop.agents.dead_letter import dead_letter
 from edgeloop.agents.dedupe import DedupeState
 from edgeloop.agents.enrich import from_device_record, from_status
@@ -267,12 +268,21 @@ def _faust_app(s: AgentsSettings, kafka: KafkaSettings) -> Any:
     )
 
 
+def _controls(app: Any, ctx: Context, control: ControlSettings, agent: Any) -> None:
+    """Add the control plane's agents (agents/control_app.py) when enabled."""
+    if control.wiring.enabled:
+        from edgeloop.agents.control_app import register
+
+        register(app, ctx, control, agent)
+
+
 def make_app(
     settings: AgentsSettings,
     kafka: KafkaSettings,
     registry: RegistrySettings,
     *,
     metrics: AgentMetrics | None = None,
+    control: ControlSettings | None = None,
 ) -> Any:
     """Build the Faust app (no module-level app: each worker, test and bench builds its own).
 
@@ -281,6 +291,8 @@ def make_app(
         kafka: the broker.
         registry: the schema registry.
         metrics: collectors to count into (a new registry by default).
+        control: the control plane's settings (defaults when None; its
+            `wiring.enabled` runs the control agents, agents/control_app.py).
 
     Returns:
         A `faust.App`; `app.edgeloop` is the shared `Context` (metrics, readiness).
@@ -317,7 +329,7 @@ def make_app(
     stages = Stages(ctx, tables)
 
     def agent(
-        source: str,
+        source: Any,
         stage: str,
         body: Callable[[list[Raw]], Awaitable[None]],
         take: tuple[int, float] = (s.batch_max, s.batch_within_s),
@@ -333,7 +345,9 @@ def make_app(
                 await ctx.guarded(stage, batch, handle)
 
         loop.__name__ = loop.__qualname__ = stage
-        app.agent(topic(source), name=stage, concurrency=1)(loop)
+        # `source`: a topic name, or a channel built by the caller (several topics).
+        app.agent(topic(source) if isinstance(source, str) else source, name=stage,
+                  concurrency=1)(loop)  # fmt: skip
 
     agent(FLEET, "fleet", lambda b: stages.devices(b, "fleet"))
     agent(STATUS, "status", lambda b: stages.devices(b, "status"))
@@ -341,6 +355,8 @@ def make_app(
     if s.verdicts:
         take = (s.verdict_batch_max, s.verdict_batch_within_s)
         agent(OFFLOAD, "verdicts", stages.verdicts, take)
+
+    _controls(app, ctx, control or ControlSettings(), agent)
 
     async def start() -> None:
         await ctx.start()

@@ -42,11 +42,9 @@ from edgeloop.agents.control.settings import JudgeSettings
 from edgeloop.agents.control.stats import mann_whitney, two_proportion
 from edgeloop.agents.ids import derived_id
 
-
-def membership_score(model_name: str, version: int, device_id: str) -> float:
-    """The device's position in [0, 1) for this release (module docstring)."""
-    digest = hashlib.sha256(f"{model_name}:{version}:{device_id}".encode()).hexdigest()
-    return int(digest[:16], 16) / 2.0**64
+# The devices' own membership rule (edge and judge must agree on who is in a stage's share),
+# one definition, in the module the edge daemon imports.
+from edgeloop.artifacts.rollout import membership_score
 
 
 def _hash01(event_id: str) -> float:

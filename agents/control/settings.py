@@ -154,6 +154,24 @@ class JudgeSettings(BaseModel):
         return self
 
 
+class WiringSettings(BaseModel):
+    """How the control plane runs inside `edgeloop agents` (agents/control_app.py)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # Run the control agents in the worker.
+    enabled: bool = True
+    # The model the training triggers name (the trainer's `models`).
+    model_name: str = "digits-student"
+    # Clock ticks appended to the control log: an idle stream still closes its windows.
+    tick_s: float = Field(1.0, gt=0)
+    # OffloadRequests awaiting their CloudVerdict (oldest forgotten first, counted).
+    max_pending_requests: int = Field(20_000, ge=1)
+    # Records of the control log handled per batch (one table write per batch).
+    batch_max: int = Field(2000, ge=1)
+    batch_within_s: float = Field(0.2, gt=0)
+
+
 class ControlSettings(_Base):
     """All control-plane parameters (env `EDGELOOP_CONTROL_<PART>__<NAME>`)."""
 
@@ -165,3 +183,4 @@ class ControlSettings(_Base):
     threshold: ThresholdSettings = ThresholdSettings()
     triggers: TriggerSettings = TriggerSettings()
     judge: JudgeSettings = JudgeSettings()
+    wiring: WiringSettings = WiringSettings()

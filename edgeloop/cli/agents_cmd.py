@@ -32,9 +32,11 @@ from edgeloop.core.settings import KafkaSettings, RegistrySettings, edgeloop_hom
 )
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Faust's data folder.")
 def agents(**options: Any) -> None:
-    """Run one Faust worker: fleet table and enrichment, dedupe, cloud verdicts and the
-    hard-example router. Run more (distinct --workers-web-port) to split the partitions;
-    a stopped or killed worker's partitions and table state move to the others.
+    """Run one Faust worker: fleet table and enrichment, dedupe, cloud verdicts, the
+    hard-example router and the control plane (signals, thresholds, training triggers;
+    settings EDGELOOP_CONTROL_<PART>__<NAME>). Run more (distinct --workers-web-port) to
+    split the partitions; a stopped or killed worker's partitions and table state move to
+    the others.
 
     Endpoints come from $EDGELOOP_HOME/infra.env and EDGELOOP_* variables; every setting
     also reads EDGELOOP_AGENTS_<NAME>.
@@ -42,6 +44,7 @@ def agents(**options: Any) -> None:
     import faust
 
     from edgeloop.agents.app import make_app
+    from edgeloop.agents.control.settings import ControlSettings
     from edgeloop.agents.settings import AgentsSettings
 
     home = edgeloop_home()
@@ -55,7 +58,9 @@ def agents(**options: Any) -> None:
         "data_dir": home / "agents",
     }
     settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
-    app = make_app(settings, KafkaSettings.load(), RegistrySettings.load())
+    app = make_app(
+        settings, KafkaSettings.load(), RegistrySettings.load(), control=ControlSettings.load()
+    )
     # uvloop: the worker spends most of its time in the event loop's own machinery
     # (Faust schedules several callbacks per event).
     import uvloop

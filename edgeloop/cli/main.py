@@ -26,6 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Run a Faust stream worker: enrich, dedupe, verdicts, hard examples.",
     ),
     "fleet": ("edgeloop.cli.agents_cmd:fleet", "Register devices, list them, set cohorts."),
+    "control": (
+        "edgeloop.cli.control_cmd:control",
+        "The control plane's state: thresholds, signals, triggers per cohort.",
+    ),
     "topics": ("edgeloop.cli.bridge_cmd:topics", "Create the Kafka topics of the topic map."),
     "models": ("edgeloop.cli.models_cmd:models", "Bootstrap, sign and verify model artifacts."),
     "keys": ("edgeloop.cli.keys_cmd:keys", "Create the release signing key pair."),

@@ -169,3 +169,45 @@ def serve(**options: Any) -> None:
             await run_services([consumer])
 
     asyncio.run(main())
+
+
+@train.command("trigger")
+@click.option(
+    "--app-id",
+    default="edgeloop-agents",
+    show_default=True,
+    help="The agents' app id (their control log is <app-id>-control-log).",
+)
+@click.option(
+    "--request-id",
+    default=None,
+    help="Id of this request (default: a new one). Repeating an id is the same request: "
+    "the trigger fires once.",
+)
+@click.option("--detail", default="", help="Why (kept in the trigger's detail).")
+def trigger(app_id: str, request_id: str | None, detail: str) -> None:
+    """Ask the control plane for a MANUAL training trigger now (no debounce). The agents
+    fire it over every hard example not yet covered; `train serve` then retrains."""
+    import asyncio
+    import uuid
+
+    from aiokafka import AIOKafkaProducer
+
+    from edgeloop.agents.context import now_us
+    from edgeloop.agents.control_app import LOG_KEY, control_log
+    from edgeloop.agents.control_stage import encode, manual
+    from edgeloop.core.settings import KafkaSettings
+
+    rid = request_id or f"manual-{uuid.uuid4()}"
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=KafkaSettings.load().bootstrap, acks="all")
+        await producer.start()
+        try:
+            value = encode(manual(rid, now_us(), detail))
+            await producer.send_and_wait(control_log(app_id), value, key=LOG_KEY)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    click.echo(f"manual trigger requested: {rid} (app {app_id})")

@@ -1,0 +1,294 @@
+"""The control plane's agents in the `edgeloop agents` worker (docs/architecture.md,
+"Control plane", "Wiring").
+
+    edge.inference.v1, edge.offload.v1, edge.status.v1,
+    cloud.verdicts.v1, ml.hard-examples.v1,
+    ml.model-releases.v1                    --control-forward-->  <app_id>-control-log
+    timer (tick_s)                          ----------------->   <app_id>-control-log
+    <app_id>-control-log  --control-->  ml.signals.v1, control.thresholds.v1,
+                                        ml.training-triggers.v1, ml.model-releases.v1
+                                        (table `control`)
+
+The control log has one partition: COHORT and FLEET windows and the triggers' offset
+ranges need every device's and every partition's records in one place, and one log gives
+the control step one order, so a replay yields the same records (control_stage.py). Both
+agents follow the worker's rules (app.py): `concurrency=1`, each batch fully handled
+(outputs acknowledged by Kafka) before its body returns, nothing raised escapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from edgeloop.agents.codec import SchemaBook
+from edgeloop.agents.context import Context, now_us
+from edgeloop.agents.control.settings import ControlSettings
+from edgeloop.agents.control_stage import (
+    RELEASES_TOPIC,
+    SIGNALS_TOPIC,
+    THRESHOLDS_TOPIC,
+    TRIGGERS_TOPIC,
+    ControlState,
+    ControlStep,
+    Output,
+    decode,
+    encode,
+    observation,
+    tick,
+)
+from edgeloop.agents.records import Out, Raw
+from edgeloop.agents.verdict_stage import OFFLOAD
+from edgeloop.core.errors import DecodeError
+from edgeloop.core.logs import get_logger
+from edgeloop.schemas import catalog
+
+log = get_logger(__name__)
+
+SOURCES = (
+    "edge.inference.v1",
+    "edge.offload.v1",
+    "edge.status.v1",
+    "cloud.verdicts.v1",
+    "ml.hard-examples.v1",
+    "ml.model-releases.v1",
+)
+STATE_KEY = b"control"
+LOG_KEY = b"control"
+OUTPUT_SCHEMAS = {
+    SIGNALS_TOPIC: "StreamSignal",
+    THRESHOLDS_TOPIC: "ThresholdUpdate",
+    TRIGGERS_TOPIC: "TrainingTrigger",
+    RELEASES_TOPIC: "ModelRelease",
+}
+
+
+def control_log(app_id: str) -> str:
+    """The control log's topic name (internal to the app, like Faust's changelogs)."""
+    return f"{app_id}-control-log"
+
+
+class ControlMetrics:
+    """`edgeloop_control_*` on the app's registry."""
+
+    def __init__(self, registry: Any) -> None:
+        r = registry
+        self.tau = Gauge("edgeloop_control_tau", "Offload threshold", ["cohort"], registry=r)
+        self.version = Gauge(
+            "edgeloop_control_threshold_version", "Threshold version", ["cohort"], registry=r
+        )
+        self.offload_rate = Gauge(
+            "edgeloop_control_offloads_per_s", "Offloads/s of the last window", ["scope_id"],
+            registry=r,
+        )  # fmt: skip
+        self.budget = Gauge(
+            "edgeloop_control_budget_per_s", "Effective cloud budget, offloads/s", registry=r
+        )
+        self.psi = Gauge("edgeloop_control_psi", "Confidence PSI", ["cohort"], registry=r)
+        self.hard = Gauge(
+            "edgeloop_control_hard_examples_since_trigger",
+            "Hard examples not yet covered by a trigger",
+            registry=r,
+        )
+        self.release = Gauge(
+            "edgeloop_control_release_version",
+            "Model version of the newest rollout step the judge took, per cohort and stage",
+            ["cohort", "stage"],
+            registry=r,
+        )
+        self.outputs = Counter(
+            "edgeloop_control_outputs_total", "Control records produced", ["topic"], registry=r
+        )
+        self.skipped = Counter(
+            "edgeloop_control_skipped_total",
+            "Records the control plane could not use",
+            ["stage", "reason"],
+            registry=r,
+        )
+
+    def observe(self, outputs: Sequence[Output], state: ControlState) -> None:
+        """Update the gauges from a batch's outputs and the state after it."""
+        for topic, _key, rec in outputs:
+            self.outputs.labels(topic).inc()
+            if topic == SIGNALS_TOPIC and rec["scope"] in ("COHORT", "FLEET"):
+                values = rec["values"]
+                self.offload_rate.labels(rec["scope_id"]).set(values.get("offloads_per_s", 0.0))
+                if rec["scope"] == "COHORT" and "confidence_psi" in values:
+                    self.psi.labels(rec["scope_id"]).set(values["confidence_psi"])
+            elif topic == THRESHOLDS_TOPIC and rec["scope"] == "COHORT":
+                self.tau.labels(rec["scope_id"]).set(rec["tau"])
+                self.version.labels(rec["scope_id"]).set(rec["threshold_version"])
+                budget = rec["signals"].get("effective_capacity_per_s")
+                if budget is not None:
+                    self.budget.set(budget)
+            elif topic == RELEASES_TOPIC:
+                self.release.labels(rec["cohort"], rec["stage"]).set(rec["model_version"])
+        self.hard.set(state.triggers.uncovered if state.triggers is not None else 0)
+
+
+class ControlAgents:
+    """The batch bodies of the control agents."""
+
+    def __init__(self, ctx: Context, settings: ControlSettings, table: Any) -> None:
+        self.ctx = ctx
+        self.s = settings
+        self.table = table
+        self.step = ControlStep(settings)
+        self.metrics = ControlMetrics(ctx.metrics.registry)
+        self.log_topic = control_log(ctx.settings.app_id)
+        self._state: ControlState | None = None
+        self.ready = asyncio.Event()  # set once the output schemas are registered
+
+    async def register_outputs(self, book: SchemaBook) -> None:
+        """Register the output schemas (once, at start)."""
+        for topic, name in OUTPUT_SCHEMAS.items():
+            await self.ctx.retry("registry", book.register_output, topic, catalog.get(name))
+        self.ready.set()
+
+    def forget(self) -> None:
+        """Partitions moved: the cached state may be stale (re-read from the table)."""
+        self._state = None
+
+    async def forward(self, batch: list[Raw]) -> None:
+        """Source records -> observations on the control log. A record that does not
+        decode is counted here and dead-lettered by its data-plane stage."""
+        ctx = self.ctx
+        book = ctx.book
+        assert book is not None
+        await ctx.learn(batch)
+        outs = []
+        for raw in batch:
+            try:
+                schema, rec = book.decode(raw.value)
+                obs = observation(schema.name, rec, raw)
+            except DecodeError as exc:
+                self.metrics.skipped.labels("control-forward", exc.reason).inc()
+                continue
+            except (KeyError, TypeError, ValueError):
+                self.metrics.skipped.labels("control-forward", "malformed").inc()
+                continue
+            if obs is not None:
+                outs.append(Out(self.log_topic, LOG_KEY, encode(obs)))
+        await ctx.produce(outs)
+
+    async def tick(self) -> None:
+        """Append a clock tick (never raises: an exception in a Faust timer stops the app)."""
+        if not self.ctx.ready.is_set():
+            return
+        try:
+            obs = tick(now_us(), self.offload_lag_s())
+            await self.ctx.produce([Out(self.log_topic, LOG_KEY, encode(obs))])
+        except Exception:
+            log.warning("control tick not appended", exc_info=True)
+
+    def offload_lag_s(self) -> float | None:
+        """The offload backlog this worker holds, in seconds at the cloud capacity
+        (messages behind on its `edge.offload.v1` partitions / offloads per second);
+        None when it runs no verdict stage. Each worker sees only its partitions: the FLEET
+        window keeps the largest tick's value, a lower bound of the fleet's backlog."""
+        if not self.ctx.settings.verdicts:
+            return None
+        consumer = self.ctx.app.consumer
+        behind = 0
+        for tp in consumer.assignment():
+            if tp.topic != OFFLOAD:
+                continue
+            high = consumer.highwater(tp)
+            read = consumer._read_offset.get(tp)  # faust: no public read position
+            if high is not None:
+                behind += max(high - (read + 1 if read is not None else 0), 0)
+        return behind / self.s.threshold.cloud_capacity_per_s
+
+    def _load(self) -> ControlState:
+        if self._state is None:
+            raw = self.table.get(STATE_KEY)
+            self._state = ControlState() if raw is None else ControlState.from_json(json.loads(raw))
+        return self._state
+
+    async def control(self, batch: list[Raw]) -> None:
+        """Control-log records -> signals, threshold updates, triggers; then the state."""
+        ctx = self.ctx
+        await self.ready.wait()
+        book = ctx.book
+        assert book is not None
+        state = self._load()
+        produced: list[Output] = []
+        for raw in batch:
+            try:
+                produced.extend(self.step.apply(decode(raw.value), raw.offset, state))
+            except (KeyError, TypeError, ValueError) as exc:
+                # Our own log's record is malformed (a bug): counted, logged, skipped.
+                log.exception(
+                    "control record skipped", extra={"offset": raw.offset, "error": repr(exc)}
+                )
+                self.metrics.skipped.labels("control", "malformed").inc()
+        outs = [Out(topic, key.encode(), book.encode(topic, rec)) for topic, key, rec in produced]
+        await ctx.produce(outs)
+        # Only after Kafka acknowledged the outputs: a crash before this line replays the
+        # batch from the previous state and yields the same records (same ids, versions).
+        try:
+            self.table[STATE_KEY] = json.dumps(state.to_json(), separators=(",", ":")).encode()
+        except Exception:
+            # Faust's changelog send can fail during a rebalance (app.py `_write_back`); the
+            # next batch writes the state again.
+            log.warning("control state write failed; written with the next batch", exc_info=True)
+        self.metrics.observe(produced, state)
+
+
+def register(app: Any, ctx: Context, settings: ControlSettings, agent: Any) -> ControlAgents:
+    """Add the control agents to `app` (called by `make_app`).
+
+    Args:
+        app: the Faust app.
+        ctx: the worker's context.
+        settings: the control plane's settings.
+        agent: `make_app`'s agent registrar (source, stage, body, take).
+
+    Returns:
+        The `ControlAgents`.
+    """
+    s = ctx.settings
+    # use_partitioner: the state is written after a `take_events` batch, outside Faust's
+    # current-event context (without it the write raises "Cannot modify table key from
+    # outside of stream iteration" and the changelog never gets the state).
+    table = app.Table(
+        "control", default=None, key_type=bytes, value_type=bytes, partitions=1,
+        use_partitioner=True,
+        help="the control plane's state (signals windows, controller, triggers)",
+    )  # fmt: skip
+    control = ControlAgents(ctx, settings, table)
+    log_topic = app.topic(
+        control.log_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+        value_serializer="raw", partitions=1, internal=True,
+    )  # fmt: skip
+    take = (settings.wiring.batch_max, settings.wiring.batch_within_s)
+    sources = app.topic(
+        *SOURCES, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+    agent(sources, "control-forward", control.forward, (s.batch_max, s.batch_within_s))
+    agent(log_topic, "control", control.control, take)
+    app.timer(settings.wiring.tick_s)(control.tick)
+
+    async def start() -> None:
+        await ctx.ready.wait()
+        assert ctx.book is not None
+        await control.register_outputs(ctx.book)
+
+    async def partitions_moved(*_: Any, **__: Any) -> None:
+        control.forget()
+
+    # The stall watchdog (Context.update_lag) for the topics only the control plane reads.
+    watched = frozenset({"cloud.verdicts.v1", "ml.hard-examples.v1", control.log_topic})
+
+    async def watch() -> None:
+        ctx.watch_lag(watched)
+
+    app.task(start)
+    app.timer(5.0)(watch)
+    app.on_partitions_revoked.connect(partitions_moved)
+    app.on_partitions_assigned.connect(partitions_moved)
+    return control

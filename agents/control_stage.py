@@ -1,0 +1,421 @@
+"""The control plane's step glue: records -> control log -> signals, thresholds, triggers.
+
+Two steps, both pure (no Faust, no Kafka, no clock):
+
+`observation(schema_name, rec, raw)` reduces one decoded source record (InferenceEvent,
+OffloadRequest, CloudVerdict, DeviceStatus, HardExample, ModelRelease) to a small JSON
+observation.
+The worker appends these to the control log, a one-partition internal topic: COHORT and
+FLEET windows need every device's events in one place, and the trigger state needs every
+hard-example partition's offsets in one place. The log's order is the order the control
+step sees, so replaying it yields the same outputs.
+
+`ControlStep.apply(obs, offset, state)` advances the control state by one log record:
+signal windows (agents/control/signals.py), the threshold controller once per closed
+window (threshold.py), the training triggers (triggers.py), and the rollout judge
+(judge.py) once per window end for each cohort's rollout. `state.offset` is the last
+log offset applied: a record at or below it (a redelivery after a crash, when the table's
+changelog already holds the state after it) is skipped, so no observation counts twice.
+Outputs are (topic, key, Avro-shaped dict); their ids and versions derive from the windows
+and offsets only (see the modules above), so a replay produces the same records.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeloop.agents.control import judge, signals, threshold, triggers
+from edgeloop.agents.control.settings import ControlSettings
+from edgeloop.agents.records import Raw
+
+SIGNALS_TOPIC = "ml.signals.v1"
+THRESHOLDS_TOPIC = "control.thresholds.v1"
+TRIGGERS_TOPIC = "ml.training-triggers.v1"
+RELEASES_TOPIC = "ml.model-releases.v1"
+
+INFERENCE_EVENT = "edgeloop.v1.InferenceEvent"
+ENRICHED_EVENT = "edgeloop.v1.EnrichedInferenceEvent"
+OFFLOAD_REQUEST = "edgeloop.v1.OffloadRequest"
+CLOUD_VERDICT = "edgeloop.v1.CloudVerdict"
+DEVICE_STATUS = "edgeloop.v1.DeviceStatus"
+HARD_EXAMPLE = "edgeloop.v1.HardExample"
+MODEL_RELEASE = "edgeloop.v1.ModelRelease"
+
+
+def observation(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str, Any] | None:
+    """The control log's observation of one decoded source record (None: not one we use).
+
+    Args:
+        schema_name: the record's full schema name.
+        rec: the decoded record.
+        raw: where it came from (a HardExample's partition and offset are its identity
+            for the training triggers' ranges).
+
+    Returns:
+        A JSON-able dict with kind `k`, or None.
+
+    Raises:
+        KeyError, TypeError, ValueError: a record missing what its schema promises (the
+            caller dead-letters it).
+    """
+    if schema_name in (INFERENCE_EVENT, ENRICHED_EVENT):
+        o = signals.InferenceObs.from_record(rec)
+        return {"k": "inf", "event_id": str(rec["event_id"]), **_fields(o)}
+    if schema_name == OFFLOAD_REQUEST:
+        return {
+            "k": "req",
+            "id": str(rec["event_id"]),
+            "cohort": str(rec["cohort"]),
+            "confidence": float(rec["confidence"]),
+            "reason": str(rec["reason"]),
+        }
+    if schema_name == CLOUD_VERDICT:
+        return {
+            "k": "ver",
+            "request": str(rec["request_event_id"]),
+            "device_id": str(rec["device_id"]),
+            "ts": int(rec["ts"]),
+            "agree": bool(rec["agree"]),
+            "latency_ms": float(rec["latency_ms"]),
+            "model_version": int(rec["model_version"]),
+        }
+    if schema_name == DEVICE_STATUS:
+        return {"k": "st", **_fields(signals.StatusObs.from_record(rec))}
+    return _log_records(schema_name, rec, raw)
+
+
+def _log_records(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str, Any] | None:
+    """Observations of the agents' own logs: releases and hard examples."""
+    if schema_name == MODEL_RELEASE:
+        return {"k": "rel", **{k: rec[k] for k in _RELEASE_FIELDS}}
+    if schema_name == HARD_EXAMPLE:
+        return {
+            "k": "hard",
+            "partition": raw.partition,
+            "offset": raw.offset,
+            "model_version": int(rec["model_version"]),
+            "ts": int(rec["ts"]),
+        }
+    return None
+
+
+_RELEASE_FIELDS = ("model_name", "model_version", "cohort", "stage", "wave", "artifact_url",
+                   "manifest_sha256", "target", "parent_version")  # fmt: skip
+
+
+def _fields(obs: signals.InferenceObs | signals.StatusObs) -> dict[str, Any]:
+    return {name: getattr(obs, name) for name in obs.__slots__}
+
+
+def tick(now_us: int, lag_s: float | None = None) -> dict[str, Any]:
+    """A clock tick for the control log (closes windows of an idle stream); with the
+    offload consumer's lag when the worker measured it."""
+    return {"k": "tick", "ts": now_us, "lag_s": lag_s}
+
+
+def manual(request_id: str, now_us: int, detail: str = "") -> dict[str, Any]:
+    """A MANUAL training trigger request (`edgeloop train trigger`)."""
+    return {"k": "manual", "id": request_id, "ts": now_us, "detail": detail}
+
+
+def encode(obs: Mapping[str, Any]) -> bytes:
+    """An observation as the control log carries it (compact JSON)."""
+    return json.dumps(obs, separators=(",", ":")).encode()
+
+
+def decode(value: bytes) -> dict[str, Any]:
+    """Inverse of `encode`.
+
+    Raises:
+        ValueError: not a JSON object.
+    """
+    obs = json.loads(value)
+    if not isinstance(obs, dict) or "k" not in obs:
+        raise ValueError("control log record is not an observation")
+    return obs
+
+
+@dataclass(slots=True)
+class ControlState:
+    """Everything the control step keeps (one Faust table value, JSON in the changelog)."""
+
+    offset: int = -1
+    signals: signals.SignalState = field(
+        default_factory=lambda: signals.SignalState(list(signals.SCOPES))
+    )
+    controller: threshold.ControllerState = field(default_factory=threshold.ControllerState)
+    triggers: triggers.TriggerState | None = None
+    # request event id -> (cohort, edge confidence, reason), insertion-ordered (oldest first)
+    pending: dict[str, list[Any]] = field(default_factory=dict)
+    pending_forgotten: int = 0
+    hard_since_trigger: int = 0
+    fired: int = 0
+    # device id -> its cohort as its latest event said (one entry per device of the fleet)
+    devices: dict[str, str] = field(default_factory=dict)
+    # cohort -> its newest FULL release (a rollout's parent: what a ROLLBACK reinstalls)
+    full: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # cohort -> its rollout (the newest CANARY's), JSON as judge.RolloutState.to_json
+    rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rollouts_unparented: int = 0  # CANARY releases whose parent's FULL release was unknown
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (the changelog value)."""
+        return {
+            "offset": self.offset,
+            "signals": self.signals.to_json(),
+            "controller": self.controller.to_json(),
+            "triggers": None if self.triggers is None else self.triggers.to_json(),
+            "pending": self.pending,
+            "pending_forgotten": self.pending_forgotten,
+            "hard_since_trigger": self.hard_since_trigger,
+            "fired": self.fired,
+            "devices": self.devices,
+            "full": self.full,
+            "rollouts": self.rollouts,
+            "rollouts_unparented": self.rollouts_unparented,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ControlState:
+        """Inverse of `to_json`."""
+        trig = data["triggers"]
+        return cls(
+            offset=int(data["offset"]),
+            signals=signals.SignalState.from_json(data["signals"]),
+            controller=threshold.ControllerState.from_json(data["controller"]),
+            triggers=None if trig is None else triggers.TriggerState.from_json(trig),
+            pending=dict(data["pending"]),
+            pending_forgotten=int(data["pending_forgotten"]),
+            hard_since_trigger=int(data["hard_since_trigger"]),
+            fired=int(data["fired"]),
+            devices=dict(data["devices"]),
+            full=dict(data["full"]),
+            rollouts=dict(data["rollouts"]),
+            rollouts_unparented=int(data["rollouts_unparented"]),
+        )
+
+
+Output = tuple[str, str, dict[str, Any]]  # topic, key, record
+
+
+class ControlStep:
+    """Applies control-log records to a `ControlState` (see the module docstring)."""
+
+    def __init__(self, settings: ControlSettings) -> None:
+        self.s = settings
+
+    def apply(self, obs: Mapping[str, Any], offset: int, state: ControlState) -> list[Output]:
+        """Apply one control-log record.
+
+        Args:
+            obs: the decoded observation.
+            offset: its offset in the control log.
+            state: updated in place.
+
+        Returns:
+            StreamSignals, ThresholdUpdates and TrainingTriggers to produce, in order;
+            none for a record at or below `state.offset` (already applied).
+
+        Raises:
+            KeyError, TypeError, ValueError: a malformed observation (state untouched
+                except `offset`; the caller dead-letters the record).
+        """
+        if offset <= state.offset:
+            return []
+        state.offset = offset
+        kind = obs["k"]
+        if kind in ("inf", "st"):
+            state.devices[str(obs["device_id"])] = str(obs["cohort"])
+        handler = {
+            "inf": self._observe,
+            "st": self._observe,
+            "ver": self._observe,
+            "req": self._remember,
+            "hard": self._hard,
+            "tick": self._tick,
+            "manual": self._manual,
+            "rel": self._release,
+        }.get(kind)
+        if handler is None:
+            raise ValueError(f"unknown observation kind {kind!r}")
+        return handler(obs, state)
+
+    def _observe(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
+        fields = {k: v for k, v in obs.items() if k not in ("k", "event_id", "model_version")}
+        item: signals.Obs | None
+        if obs["k"] == "inf":
+            item = signals.InferenceObs(**fields, model_version=int(obs["model_version"]))
+            self._judge_event(obs, item, state)
+        elif obs["k"] == "st":
+            item = signals.StatusObs(**fields)
+        else:
+            item = self._verdict(obs, state)
+            if item is not None:
+                self._judge_verdict(obs, item.cohort, state)
+        if item is None:
+            return []
+        return self._signals(signals.observe(item, state.signals, self.s.signals), state)
+
+    def _release(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
+        """A release on `ml.model-releases.v1` (the trainer's, or our own steps read back):
+        FULL releases are the parents rollbacks reinstall; a new CANARY starts a rollout."""
+        rel = {k: v for k, v in obs.items() if k != "k"}
+        cohort, version = str(rel["cohort"]), int(rel["model_version"])
+        if rel["stage"] == "FULL":
+            if version >= int(state.full.get(cohort, {}).get("model_version", -1)):
+                state.full[cohort] = rel
+            return []
+        current = state.rollouts.get(cohort)
+        if rel["stage"] != "CANARY" or (current is not None and current["version"] >= version):
+            return []  # a step of ours read back, or an older/repeated canary
+        parent = state.full.get(cohort)
+        if parent is None or int(parent["model_version"]) != rel.get("parent_version"):
+            state.rollouts_unparented += 1  # no artifact to roll back to: not judged
+            return []
+        state.rollouts[cohort] = judge.start(rel, parent, self.s.judge).to_json()
+        return []
+
+    def _rollout(self, cohort: str, state: ControlState) -> judge.RolloutState | None:
+        data = state.rollouts.get(cohort)
+        return None if data is None else judge.RolloutState.from_json(data)
+
+    def _judge_event(
+        self, obs: Mapping[str, Any], item: signals.InferenceObs, state: ControlState
+    ) -> None:
+        rollout = self._rollout(item.cohort, state)
+        arm = rollout.arm(item.model_version) if rollout is not None else None
+        if rollout is not None and arm is not None:
+            arm.add_event(str(obs["event_id"]), item.confidence, item.latency_ms,
+                          item.decision == "OFFLOAD")  # fmt: skip
+            state.rollouts[item.cohort] = rollout.to_json()
+
+    def _judge_verdict(self, obs: Mapping[str, Any], cohort: str, state: ControlState) -> None:
+        rollout = self._rollout(cohort, state)
+        arm = rollout.arm(int(obs["model_version"])) if rollout is not None else None
+        if rollout is not None and arm is not None:
+            arm.add_verdict(bool(obs["agree"]))
+            state.rollouts[cohort] = rollout.to_json()
+
+    def _judge_windows(self, end: int, state: ControlState) -> list[Output]:
+        out: list[Output] = []
+        for cohort in sorted(state.rollouts):
+            rollout = self._rollout(cohort, state)
+            assert rollout is not None
+            steps, _ = judge.judge_window(end, rollout, self.s.judge)
+            state.rollouts[cohort] = rollout.to_json()
+            for rec in steps:
+                # The devices install a CANARY/WAVE step iff membership_score < share.
+                rec["share"] = judge.share(rollout, self.s.judge) if rollout.stage in (
+                    "CANARY", "WAVE") else 1.0  # fmt: skip
+                out.append((RELEASES_TOPIC, cohort, rec))
+        return out
+
+    def _manual(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
+        trig = self._triggers(state, None)
+        if trig is None:
+            return []  # no hard example seen yet: nothing a trigger could cover
+        detail = str(obs.get("detail", ""))
+        return self._fired(
+            triggers.manual(str(obs["id"]), int(obs["ts"]), trig, self.s.triggers, detail), state
+        )
+
+    def _remember(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
+        state.pending[str(obs["id"])] = [str(obs["cohort"]), float(obs["confidence"]),
+                                         str(obs["reason"])]  # fmt: skip
+        while len(state.pending) > self.s.wiring.max_pending_requests:
+            state.pending.pop(next(iter(state.pending)))
+            state.pending_forgotten += 1
+        return []
+
+    def _verdict(self, obs: Mapping[str, Any], state: ControlState) -> signals.VerdictObs | None:
+        found = state.pending.pop(str(obs["request"]), None)
+        if found is None:
+            return None  # its request was forgotten (or predates this state): no weight known
+        cohort, confidence, reason = found
+        c = state.controller.cohorts.get(cohort)
+        audit = c.audit_rate if c is not None else self.s.threshold.audit_floor
+        prob = 1.0 if reason != "AUDIT" else min(1.0, max(audit, 1e-6))
+        return signals.VerdictObs(
+            device_id=str(obs["device_id"]), cohort=cohort, ts_us=int(obs["ts"]),
+            edge_confidence=confidence, decision=reason, agree=bool(obs["agree"]),
+            latency_ms=float(obs["latency_ms"]), inclusion_prob=prob,
+        )  # fmt: skip
+
+    def _triggers(self, state: ControlState, version: int | None) -> triggers.TriggerState | None:
+        if state.triggers is None:
+            if version is None:
+                return None
+            state.triggers = triggers.TriggerState(self.s.wiring.model_name, version)
+        elif version is not None and version > state.triggers.serving_version:
+            # Hard examples of a newer version: that version serves now (until the judge
+            # reports FULL releases, the newest version seen stands for the serving one).
+            triggers.set_serving_version(state.triggers, version)
+        return state.triggers
+
+    def _hard(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
+        trig = self._triggers(state, int(obs["model_version"]))
+        assert trig is not None
+        hard = triggers.HardObs(int(obs["partition"]), int(obs["offset"]),
+                                int(obs["model_version"]), int(obs["ts"]))  # fmt: skip
+        before = trig.uncovered
+        out = triggers.on_hard(hard, trig, self.s.triggers)
+        state.hard_since_trigger += trig.uncovered - before if not out else 0
+        return self._fired(out, state)
+
+    def _tick(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
+        now = int(obs["ts"])
+        out: list[Output] = []
+        lag = obs.get("lag_s")
+        if lag is not None:
+            closed = signals.observe(signals.LagObs(now, float(lag)), state.signals,
+                                     self.s.signals)  # fmt: skip
+        else:
+            closed = signals.tick(now, state.signals, self.s.signals)
+        out.extend(self._signals(closed, state))
+        if state.triggers is not None:
+            out.extend(self._fired(triggers.on_tick(now, state.triggers, self.s.triggers), state))
+        return out
+
+    def _fired(self, records: list[dict[str, Any]], state: ControlState) -> list[Output]:
+        if records:
+            state.hard_since_trigger = state.triggers.uncovered if state.triggers else 0
+            state.fired += len(records)
+        return [(TRIGGERS_TOPIC, r["model_name"], r) for r in records]
+
+    def _signals(self, closed: list[dict[str, Any]], state: ControlState) -> list[Output]:
+        """Emit the closed windows; run the controller once per window end, and feed COHORT
+        PSI to the drift trigger."""
+        uncovered = float(state.triggers.uncovered) if state.triggers is not None else 0.0
+        for r in closed:
+            if r["scope"] == "FLEET":  # `edgeloop control status` reads it from here
+                r["values"]["hard_examples_uncovered"] = uncovered
+        out: list[Output] = [(SIGNALS_TOPIC, r["scope_id"], r) for r in closed]
+        by_end: dict[int, list[dict[str, Any]]] = {}
+        for r in closed:
+            by_end.setdefault(int(r["window_end"]), []).append(r)
+        for end in sorted(by_end):
+            rs = by_end[end]
+            cohorts = {r["scope_id"]: r["values"] for r in rs if r["scope"] == "COHORT"}
+            fleet: Mapping[str, float] = next(
+                (r["values"] for r in rs if r["scope"] == "FLEET"), {}
+            )
+            devices = {
+                r["scope_id"]: (state.devices[r["scope_id"]], r["values"])
+                for r in rs
+                if r["scope"] == "DEVICE" and r["scope_id"] in state.devices
+            }
+            if cohorts:
+                inputs = threshold.WindowInputs(end, cohorts, devices, fleet)
+                updates = threshold.step(inputs, state.controller, self.s.threshold,
+                                         self.s.signals.buckets)  # fmt: skip
+                out.extend((THRESHOLDS_TOPIC, u["scope_id"], u) for u in updates)
+            out.extend(self._judge_windows(end, state))
+            if state.triggers is not None:
+                for r in rs:
+                    if r["scope"] == "COHORT":
+                        fired = triggers.on_signal(r, state.triggers, self.s.triggers)
+                        out.extend(self._fired(fired, state))
+        return out

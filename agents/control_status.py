@@ -1,0 +1,160 @@
+"""`edgeloop control status`: the control plane's state per cohort, read from its topics.
+
+Per cohort: tau, threshold version and audit rate (the newest COHORT ThresholdUpdate on
+the compacted `control.thresholds.v1`), offloads/s of the last closed window against the
+effective cloud budget the controller used, confidence PSI (the newest COHORT
+StreamSignal), and the release stage (the newest ModelRelease of the cohort). Fleet-wide:
+hard examples no training trigger has covered yet (`hard_examples_uncovered` of the newest
+FLEET StreamSignal, which the control step writes from its trigger state) and the last
+trigger of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from edgeloop.agents.codec import SchemaBook
+from edgeloop.schemas.bounded import DecodeLimits
+from edgeloop.schemas.registry.client import RegistryClient
+
+THRESHOLDS, SIGNALS = "control.thresholds.v1", "ml.signals.v1"
+TRIGGERS, RELEASES = "ml.training-triggers.v1", "ml.model-releases.v1"
+
+
+@dataclass
+class CohortStatus:
+    """One cohort's row."""
+
+    tau: float | None = None
+    version: int | None = None
+    audit_rate: float | None = None
+    offloads_per_s: float | None = None
+    budget_per_s: float | None = None
+    psi: float | None = None
+    release: str = "-"
+
+
+@dataclass
+class ControlStatus:
+    """The whole view."""
+
+    cohorts: dict[str, CohortStatus] = field(default_factory=dict)
+    hard_since_trigger: int = 0
+    last_trigger: str = "-"
+
+
+async def _tail(
+    bootstrap: str, book: SchemaBook, topic: str, tail: int | None
+) -> list[dict[str, Any]]:
+    """The topic's records (the last `tail` per partition; all when None), decoded, in
+    offset order per partition."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                enable_auto_commit=False)  # fmt: skip
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            await consumer._client.force_metadata_update()  # aiokafka: no public refresh
+            parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return out
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.beginning_offsets(tps)
+        for tp in tps:
+            first = starts[tp] if tail is None else max(starts[tp], ends[tp] - tail)
+            consumer.seek(tp, first)
+        remaining = {tp for tp in tps if ends[tp] > starts[tp]}
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=1000, max_records=5000)
+            if not batches:
+                break
+            for tp, records in batches.items():
+                for rec in records:
+                    if rec.value:
+                        await book.learn(rec.value)
+                        out.append(book.decode(rec.value)[1])
+                    if rec.offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def read_status(
+    bootstrap: str, registry_url: str, model_name: str, signal_tail: int = 2000
+) -> ControlStatus:
+    """Read the control plane's topics into a `ControlStatus`.
+
+    Args:
+        bootstrap: the Kafka bootstrap servers.
+        registry_url: the schema registry.
+        model_name: the model whose last trigger is shown (the trainer's model).
+        signal_tail: StreamSignals read per partition from the end.
+
+    Returns:
+        The view.
+
+    Raises:
+        DecodeError: a record on these topics does not decode.
+        KafkaError: the broker is unreachable.
+    """
+    view = ControlStatus()
+    async with RegistryClient(registry_url) as registry:
+        book = SchemaBook(registry, DecodeLimits())
+
+        def row(cohort: str) -> CohortStatus:
+            return view.cohorts.setdefault(cohort, CohortStatus())
+
+        for u in await _tail(bootstrap, book, THRESHOLDS, None):
+            if u["scope"] == "COHORT" and u["threshold_version"] >= (
+                row(u["scope_id"]).version or 0
+            ):
+                r = row(u["scope_id"])
+                r.tau, r.version, r.audit_rate = u["tau"], u["threshold_version"], u["audit_rate"]
+                r.budget_per_s = u["signals"].get("effective_capacity_per_s")
+        newest: dict[str, int] = {}
+        for s in await _tail(bootstrap, book, SIGNALS, signal_tail):
+            if s["scope"] == "FLEET" and s["window_end"] >= newest.get("", 0):
+                newest[""] = s["window_end"]
+                view.hard_since_trigger = int(s["values"].get("hard_examples_uncovered", 0))
+            if s["scope"] != "COHORT" or s["window_end"] < newest.get(s["scope_id"], 0):
+                continue
+            newest[s["scope_id"]] = s["window_end"]
+            r = row(s["scope_id"])
+            r.offloads_per_s = s["values"].get("offloads_per_s")
+            r.psi = s["values"].get("confidence_psi")
+        for rel in await _tail(bootstrap, book, RELEASES, None):
+            row(
+                rel["cohort"]
+            ).release = f"{rel['model_name']} v{rel['model_version']} {rel['stage']}"
+        for t in await _tail(bootstrap, book, TRIGGERS, None):
+            if t["model_name"] == model_name:
+                view.last_trigger = f"{t['reason']} {t['trigger_id']}"
+    return view
+
+
+def render(view: ControlStatus) -> str:
+    """The view as a table (one line per cohort, then the fleet-wide line)."""
+
+    def f(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    lines = ["cohort\ttau\tversion\taudit\toffloads/s\tbudget/s\tpsi\trelease"]
+    for cohort in sorted(view.cohorts):
+        r = view.cohorts[cohort]
+        lines.append(
+            f"{cohort}\t{f(r.tau, '.2f')}\t{r.version if r.version is not None else '-'}\t"
+            f"{f(r.audit_rate, '.3f')}\t{f(r.offloads_per_s, '.2f')}\t"
+            f"{f(r.budget_per_s, '.2f')}\t{f(r.psi, '.3f')}\t{r.release}"
+        )
+    lines.append(
+        f"hard examples since the last trigger: {view.hard_since_trigger} "
+        f"(last trigger: {view.last_trigger})"
+    )
+    return "\n".join(lines)

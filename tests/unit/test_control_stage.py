@@ -1,0 +1,269 @@
+"""The control step glue (agents/control_stage.py): the control log -> signals, threshold
+updates and training triggers, replayed as a crashed worker's successor replays it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from edgeloop.agents.control.settings import (
+    ControlSettings,
+    SignalSettings,
+    ThresholdSettings,
+    TriggerSettings,
+)
+from edgeloop.agents.control_stage import (
+    SIGNALS_TOPIC,
+    THRESHOLDS_TOPIC,
+    TRIGGERS_TOPIC,
+    ControlState,
+    ControlStep,
+    Output,
+    decode,
+    encode,
+    manual,
+    observation,
+    tick,
+)
+from edgeloop.agents.records import Raw
+
+US = 1_000_000
+T0 = 1_800_000_000 * US
+COHORTS = ("north", "south")
+
+
+def settings(**trig: Any) -> ControlSettings:
+    return ControlSettings(
+        signals=SignalSettings(window_s=2.0, allowed_lateness_s=0.0, reference_min_events=10),
+        threshold=ThresholdSettings(cloud_capacity_per_s=5.0),
+        triggers=TriggerSettings(**{"hard_examples": 5, "debounce_s": 0, **trig}),
+    )
+
+
+def inference(device: str, cohort: str, ts: int, confidence: float) -> dict[str, Any]:
+    rec = {
+        "event_id": f"{device}:{ts}", "device_id": device, "cohort": cohort, "ts": ts,
+        "model_version": 1,
+        "confidence": confidence, "decision": "OFFLOAD" if confidence < 0.8 else "LOCAL",
+        "latency": {"preprocess_us": 100, "inference_us": 900, "decision_us": 10},
+    }  # fmt: skip
+    obs = observation("edgeloop.v1.InferenceEvent", rec, Raw(b"", None, "t", 0, 0))
+    assert obs is not None
+    return obs
+
+
+def scripted_log(windows: int = 6) -> list[dict[str, Any]]:
+    """Two cohorts of two devices, 40 events per device and window, most of them below
+    the factory tau 0.8: far more offloads than the 5/s capacity allows."""
+    log: list[dict[str, Any]] = []
+    for w in range(windows):
+        for i in range(40):
+            ts = T0 + w * 2 * US + i * 40_000
+            for n, cohort in enumerate(COHORTS):
+                for d in range(2):
+                    conf = ((i * 7 + n * 3 + d) % 20) / 20 + 0.01
+                    log.append(inference(f"{cohort}-{d}", cohort, ts, conf))
+        log.append(tick(T0 + (w + 1) * 2 * US))
+    return log
+
+
+def run(step: ControlStep, log: list[dict[str, Any]], state: ControlState,
+        start: int = 0) -> list[Output]:  # fmt: skip
+    out: list[Output] = []
+    for offset in range(start, len(log)):
+        out.extend(step.apply(decode(encode(log[offset])), offset, state))
+    return out
+
+
+def snapshot(state: ControlState) -> ControlState:
+    return ControlState.from_json(json.loads(json.dumps(state.to_json())))
+
+
+def test_overloaded_cohorts_get_versioned_threshold_updates_from_closed_windows() -> None:
+    out = run(ControlStep(settings()), scripted_log(), ControlState())
+    signals = [r for t, _, r in out if t == SIGNALS_TOPIC]
+    updates = [r for t, _, r in out if t == THRESHOLDS_TOPIC]
+    assert {r["scope"] for r in signals} == {"DEVICE", "COHORT", "FLEET"}
+    assert len({r["event_id"] for r in signals}) == len(signals)
+    cohort_updates = [u for u in updates if u["scope"] == "COHORT"]
+    assert {u["scope_id"] for u in cohort_updates} == set(COHORTS)
+    # The budget forces tau down from the factory 0.8 in the first decision.
+    first = {u["scope_id"]: u for u in reversed(cohort_updates)}
+    assert all(u["tau"] < 0.8 for u in first.values())
+    for cohort in COHORTS:
+        versions = [u["threshold_version"] for u in cohort_updates if u["scope_id"] == cohort]
+        assert versions == sorted(set(versions))  # strictly increasing per scope
+
+
+def test_a_replay_from_an_older_snapshot_yields_the_same_records_and_no_lower_version() -> None:
+    """A worker killed after producing but before its state reached the changelog: its
+    successor restores the older state and replays the log from there."""
+    log, step = scripted_log(), ControlStep(settings())
+    state = ControlState()
+    cut = len(log) // 2
+    first = run(step, log[:cut], state)
+    older = snapshot(state)
+    rest = run(step, log, state, start=cut)
+    # the successor: older state, replays from an earlier committed offset
+    replayed_state = snapshot(older)
+    replayed = run(step, log, replayed_state, start=cut - 50)
+    assert replayed == rest  # records below the state's offset are skipped, not recounted
+    versions: dict[str, int] = {}
+    for topic, key, rec in first + rest + replayed:
+        if topic == THRESHOLDS_TOPIC:
+            assert rec["threshold_version"] >= versions.get(key, 0)
+            versions[key] = rec["threshold_version"]
+
+
+def test_applying_a_record_twice_counts_it_once() -> None:
+    step, state = ControlStep(settings()), ControlState()
+    obs = inference("north-0", "north", T0, 0.3)
+    step.apply(obs, 0, state)
+    assert step.apply(obs, 0, state) == []
+    out = step.apply(tick(T0 + 10 * US), 1, state)
+    device = next(r for t, _, r in out if t == SIGNALS_TOPIC and r["scope"] == "DEVICE")
+    assert device["values"]["events"] == 1.0
+
+
+def test_a_verdict_joins_its_request_and_one_without_request_is_ignored() -> None:
+    step, state = ControlStep(settings()), ControlState()
+    raw = Raw(b"", None, "t", 0, 0)
+    req = observation(
+        "edgeloop.v1.OffloadRequest",
+        {"event_id": "r1", "cohort": "north", "confidence": 0.3, "reason": "OFFLOAD"},
+        raw,
+    )
+    verdict = {"request_event_id": "r1", "device_id": "north-0", "ts": T0, "agree": False,
+               "latency_ms": 12.0, "model_version": 1}  # fmt: skip
+    orphan = {**verdict, "request_event_id": "nobody"}
+    log = [req, observation("edgeloop.v1.CloudVerdict", verdict, raw),
+           observation("edgeloop.v1.CloudVerdict", orphan, raw), tick(T0 + 10 * US)]  # fmt: skip
+    out = run(step, [o for o in log if o is not None], state)
+    cohort = next(r for t, _, r in out if t == SIGNALS_TOPIC and r["scope"] == "COHORT")
+    assert cohort["values"]["verdicts"] == 1.0
+    assert cohort["values"]["disagreement_rate"] == 1.0
+    assert state.pending == {}
+
+
+def hard(partition: int, offset: int) -> dict[str, Any]:
+    rec = {"model_version": 1, "ts": T0 + offset * US}
+    obs = observation("edgeloop.v1.HardExample", rec, Raw(b"", None, "h", partition, offset))
+    assert obs is not None
+    return obs
+
+
+def test_count_trigger_names_exact_ranges_and_the_same_id_after_a_replay() -> None:
+    step = ControlStep(settings())
+    log = [hard(0, 0), hard(1, 0), hard(0, 1), hard(1, 1), hard(0, 2), hard(1, 2)]
+    state = ControlState()
+    older = snapshot(state)
+    out = run(step, log, state)
+    triggers = [r for t, _, r in out if t == TRIGGERS_TOPIC]
+    assert len(triggers) == 1
+    assert triggers[0]["reason"] == "COUNT"
+    assert triggers[0]["model_name"] == "digits-student"
+    assert [
+        (r["partition"], r["start_offset"], r["end_offset"]) for r in triggers[0]["ranges"]
+    ] == [
+        (0, 0, 3),
+        (1, 0, 2),
+    ]
+    again = [r for t, _, r in run(step, log, older) if t == TRIGGERS_TOPIC]
+    assert [r["trigger_id"] for r in again] == [triggers[0]["trigger_id"]]
+
+
+def test_manual_trigger_covers_what_is_uncovered_once_per_request() -> None:
+    step, state = ControlStep(settings(hard_examples=100)), ControlState()
+    log = [hard(0, 0), hard(0, 1), manual("req-1", T0 + 5 * US), manual("req-1", T0 + 6 * US)]
+    triggers = [r for t, _, r in run(step, log, state) if t == TRIGGERS_TOPIC]
+    assert [r["reason"] for r in triggers] == ["MANUAL"]
+    assert triggers[0]["hard_example_count"] == 2
+
+
+def test_manual_trigger_before_any_hard_example_fires_nothing() -> None:
+    step, state = ControlStep(settings()), ControlState()
+    assert step.apply(manual("req-1", T0), 0, state) == []
+
+
+def test_state_survives_the_changelog_round_trip() -> None:
+    step, state = ControlStep(settings()), ControlState()
+    run(step, [*scripted_log(3), hard(0, 0)], state)
+    assert snapshot(state).to_json() == state.to_json()
+
+
+def test_offload_lag_in_ticks_lowers_the_budget_the_controller_uses() -> None:
+    def budgets(lag_s: float | None) -> list[float]:
+        log = scripted_log(3)
+        log = [tick(o["ts"], lag_s) if o["k"] == "tick" else o for o in log]
+        out = run(ControlStep(settings()), log, ControlState())
+        return [
+            r["signals"]["effective_capacity_per_s"]
+            for t, _, r in out
+            if t == THRESHOLDS_TOPIC and r["scope"] == "COHORT"
+        ]
+
+    assert set(budgets(None)) == {5.0}
+    # 60 s behind of a 120 s drain horizon halves the budget: C_eff = C (1 - 60 / 120).
+    assert budgets(60.0)[-1] == 2.5
+
+
+def test_fleet_signals_carry_the_hard_examples_no_trigger_covers_yet() -> None:
+    step = ControlStep(settings(hard_examples=100))
+    log = [inference("north-0", "north", T0, 0.3), hard(0, 0), hard(0, 1),
+           tick(T0 + 10 * US)]  # fmt: skip
+    out = run(step, log, ControlState())
+    fleet = next(r for t, _, r in out if t == SIGNALS_TOPIC and r["scope"] == "FLEET")
+    assert fleet["values"]["hard_examples_uncovered"] == 2.0
+
+
+def release(stage: str, version: int, parent: int | None) -> dict[str, Any]:
+    rec = {
+        "model_name": "digits-student", "model_version": version, "cohort": "north",
+        "stage": stage, "wave": 0, "artifact_url": f"store://v{version}",
+        "manifest_sha256": f"sha{version}", "target": "pi5-cpu", "parent_version": parent,
+    }  # fmt: skip
+    obs = observation("edgeloop.v1.ModelRelease", rec, Raw(b"", None, "r", 0, 0))
+    assert obs is not None
+    return obs
+
+
+def arm_log(version: int, n: int, confidence: float, disagree_every: int) -> list[dict[str, Any]]:
+    """n events of `version` in window 0, each offloaded, each with its verdict."""
+    raw, log = Raw(b"", None, "t", 0, 0), []
+    for i in range(n):
+        ts = T0 + i * 1000
+        device = f"v{version}-{i % 4}"
+        event = {**inference(device, "north", ts, confidence), "model_version": version,
+                 "event_id": f"{device}:{i}", "decision": "OFFLOAD"}  # fmt: skip
+        req = {"event_id": f"req-{version}-{i}", "cohort": "north",
+               "confidence": confidence, "reason": "OFFLOAD"}  # fmt: skip
+        verdict = {"request_event_id": f"req-{version}-{i}", "device_id": device, "ts": ts,
+                   "agree": i % disagree_every != 0, "latency_ms": 10.0,
+                   "model_version": version}  # fmt: skip
+        log += [event, observation("edgeloop.v1.OffloadRequest", req, raw),
+                observation("edgeloop.v1.CloudVerdict", verdict, raw)]  # fmt: skip
+    return [o for o in log if o is not None]
+
+
+def rollout(n: int, canary_confidence: float, canary_disagree_every: int) -> list[dict[str, Any]]:
+    log = [release("FULL", 1, None), release("CANARY", 2, 1)]
+    log += arm_log(1, n, 0.5, 10) + arm_log(2, n, canary_confidence, canary_disagree_every)
+    log.append(tick(T0 + 10 * US))
+    out = run(ControlStep(settings()), log, ControlState())
+    return [r for t, _, r in out if t == "ml.model-releases.v1"]
+
+
+def test_the_judge_rolls_back_a_worse_canary_to_its_parent() -> None:
+    steps = rollout(200, 0.3, 2)  # half its verdicts disagree (control: one in ten)
+    assert [(r["stage"], r["model_version"], r["share"]) for r in steps] == [("ROLLBACK", 1, 1.0)]
+    assert steps[0]["artifact_url"] == "store://v1"
+    assert "judge failed" in steps[0]["reason"]
+
+
+def test_the_judge_promotes_a_better_canary_to_the_first_wave() -> None:
+    steps = rollout(200, 0.5, 50)
+    assert [(r["stage"], r["model_version"], r["share"]) for r in steps] == [("WAVE", 2, 0.25)]
+
+
+def test_the_judge_waits_when_samples_are_too_few() -> None:
+    assert rollout(10, 0.3, 2) == []
