@@ -33,7 +33,7 @@ import faust
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from edgeloop.agents.context import FLEET, STATUS, Context, now_us, rewind_uncommitted
+from edgeloop.agents.context import FLEET, STATUS, Context, now_us
 from edgeloop.agents.dead_letter import dead_letter
 from edgeloop.agents.dedupe import DedupeState
 from edgeloop.agents.enrich import from_device_record, from_status
@@ -343,7 +343,6 @@ def make_app(
         agent(OFFLOAD, "verdicts", stages.verdicts, take)
 
     async def start() -> None:
-        rewind_uncommitted(app.consumer, sources)
         await ctx.start()
         if ctx.teacher is not None:
             await ctx.teacher.batcher.run()

@@ -332,38 +332,3 @@ def _aiokafka_view(consumer: Any, tp: Any) -> dict[str, Any]:
         }
     except Exception as exc:  # a diagnostic must not stop the watchdog
         return {"aiokafka_view": repr(exc)}
-
-
-def rewind_uncommitted(consumer: Any, sources: frozenset[str]) -> None:
-    """Make Faust's post-rebalance seek also rewind source partitions the group never
-    committed, to their start (what `consumer_auto_offset_reset=earliest` means for them).
-
-    faust-streaming 0.15.3 can drop records aiokafka already handed out while a rebalance
-    is under way; its repair is to seek every partition to its committed offset when
-    recovery completes (`Consumer.perform_seek`). aiokafka's `seek_to_committed` does not
-    seek a partition without a committed offset, so on a partition a killed worker had not
-    committed yet the dropped records stayed behind the read position: lost (seen on
-    Apache Kafka in the kill test as unanswered requests, or a partition read to its end
-    by aiokafka but never by Faust). Replaying such a partition from its start is
-    at-least-once with the same output ids. Changelog partitions are left to Faust's
-    recovery.
-
-    Args:
-        consumer: the app's Faust consumer (`app.consumer`).
-        sources: the agents' source topics.
-    """
-    seek_to_committed = consumer.seek_to_committed
-
-    async def seek_to_committed_or_start() -> Any:
-        committed = await seek_to_committed()
-        never = [tp for tp, off in committed.items() if off is None and tp.topic in sources]
-        if never:
-            starts = await consumer.earliest_offsets(*never)
-            await consumer.seek_wait({tp: starts[tp] for tp in never})
-            log.info(
-                "uncommitted source partitions rewound to their start",
-                extra={"partitions": sorted(f"{tp.topic}:{tp.partition}" for tp in never)},
-            )
-        return committed
-
-    consumer.seek_to_committed = seek_to_committed_or_start

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from edgeloop.agents.context import Context, rewind_uncommitted
+from edgeloop.agents.context import Context
 from edgeloop.agents.metrics import AgentMetrics
 from edgeloop.agents.settings import AgentsSettings
 from edgeloop.core.settings import KafkaSettings, RegistrySettings
@@ -123,46 +123,3 @@ async def test_a_stalled_partition_is_seeked_to_its_committed_offset(
     # committed offset, or the partition's start when the group never committed it
     assert consumer.seeks == [("edge.offload.v1", 2, expected)]
     assert ctx.metrics.stalls.labels("edge.offload.v1")._value.get() == 1
-
-
-class _RebalancedConsumer:
-    """Faust's consumer after a rebalance: partition 1 was never committed by the group."""
-
-    def __init__(self) -> None:
-        self.seeks: dict[Any, int] = {}
-
-    async def seek_to_committed(self) -> dict[Any, int | None]:
-        return {
-            _Key("edge.offload.v1", 0): 17,
-            _Key("edge.offload.v1", 1): None,
-            _Key("agents-dedupe-offload-changelog", 1): None,
-        }
-
-    async def earliest_offsets(self, *tps: Any) -> dict[Any, int]:
-        return dict.fromkeys(tps, 3)
-
-    async def seek_wait(self, offsets: dict[Any, int]) -> None:
-        self.seeks.update(offsets)
-
-
-class _Key(tuple[str, int]):
-    def __new__(cls, topic: str, partition: int) -> _Key:
-        return super().__new__(cls, (topic, partition))
-
-    @property
-    def topic(self) -> str:
-        return self[0]
-
-    @property
-    def partition(self) -> int:
-        return self[1]
-
-
-async def test_faust_post_rebalance_seek_rewinds_never_committed_source_partitions() -> None:
-    consumer = _RebalancedConsumer()
-    rewind_uncommitted(consumer, frozenset({"edge.offload.v1"}))
-    committed = await consumer.seek_to_committed()
-    assert committed[_Key("edge.offload.v1", 1)] is None  # Faust still sees "no commit"
-    # Records dropped during the rebalance are read again from the partition's start; a
-    # committed partition keeps Faust's own seek, changelogs are recovery's business.
-    assert consumer.seeks == {_Key("edge.offload.v1", 1): 3}
