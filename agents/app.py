@@ -372,7 +372,7 @@ def make_app(
     sources = frozenset({FLEET, STATUS, INFERENCE, OFFLOAD})
 
     async def consumer_lag() -> None:
-        ctx.watch_lag(sources)
+        await ctx.watch_lag(sources)
 
     async def flush_dedupe() -> None:
         stages.flush_dedupe()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from edgeloop.agents.codec import SchemaBook
@@ -128,26 +129,34 @@ class Context:
         teacher.batcher.swap(model)
         log.info("teacher swapped", extra={"teacher": model.name, "version": model.version})
 
-    def watch_lag(self, sources: frozenset[str]) -> None:
-        """`update_lag` for a Faust timer: an exception in a timer crashes the whole app,
-        so a failure here is logged and the next tick tries again."""
+    async def watch_lag(self, sources: frozenset[str]) -> None:
+        """`update_lag` and the re-seek of what it finds stalled, for a Faust timer: an
+        exception in a timer crashes the whole app, so a failure here is logged and the
+        next tick tries again."""
         try:
-            self.update_lag(sources)
+            stalled = self.update_lag(sources)
+            for tp in stalled:
+                await self._reseek(tp)
         except Exception:
             log.warning("consumer lag not updated", exc_info=True)
 
-    def update_lag(self, sources: frozenset[str], now: float | None = None) -> None:
+    def update_lag(self, sources: frozenset[str], now: float | None = None) -> list[Any]:
         """Consumer lag per assigned partition, and a watchdog for stalled ones.
 
         faust-streaming 0.15.3 can leave a partition assigned but never fetched after a
         rebalance (seen here after a worker was killed: the survivor held the dead
         worker's partitions and read nothing from them; compare faust-streaming#629 and
-        #471): the partition stays out of the consumer's active set. A source partition
-        with lag whose read position has not moved for `stall_s` is logged with Faust's
-        view of it, counted, and put back into the active set (`resume_partitions`).
+        #471). A source partition with lag whose read position has not moved for
+        `stall_s` is logged with Faust's and aiokafka's view of it, counted, and put back
+        into Faust's active set (`resume_partitions`); the caller then re-seeks it
+        (`_reseek`), since in the stalls seen Faust had it active already.
+
+        Returns:
+            The stalled partitions.
         """
         consumer = self.app.consumer
         now = time.monotonic() if now is None else now
+        stalled = []
         for tp in consumer.assignment():
             read = consumer._read_offset.get(tp)  # faust: no public read position
             high = consumer.highwater(tp)
@@ -164,11 +173,13 @@ class Context:
             if now - last[1] >= self.settings.stall_s:
                 self._unstall(consumer, tp, lag)
                 self._progress[tp] = (read, now)
+                stalled.append(tp)
+        return stalled
 
     def _unstall(self, consumer: Any, tp: Any, lag: int) -> None:
         active = consumer._get_active_partitions()
         log.error(
-            "partition stalled; resuming it",
+            "partition stalled; re-seeking it",
             extra={
                 "topic": tp.topic,
                 "partition": tp.partition,
@@ -177,11 +188,33 @@ class Context:
                 "paused": tp in consumer._paused_partitions,
                 "buffered": tp in consumer._buffered_partitions,
                 "flow_active": consumer.flow_active,
+                **_aiokafka_view(consumer, tp),
             },
         )
         self.metrics.stalls.labels(tp.topic).inc()
         consumer._buffered_partitions.discard(tp)
         consumer.resume_partitions({tp})
+
+    async def _reseek(self, tp: Any) -> None:
+        """Seek a stalled partition to its committed offset (its start when the group
+        never committed it: `consumer_auto_offset_reset` is earliest), from the consumer
+        thread. That gives aiokafka a valid fetch position, drops any fetched-but-unread
+        buffer it holds for the partition, wakes its fetcher and resets Faust's read
+        offset (which drops records below it): every way found to leave a partition
+        assigned but unread. At-least-once: records after the commit are read again, with
+        the same output ids."""
+        consumer = self.app.consumer
+        thread = consumer._thread  # faust: the aiokafka consumer runs in its own thread
+        aio = thread._ensure_consumer()
+        part = TopicPartition(tp.topic, tp.partition)
+        offset = await thread.call_thread(aio.committed, part)
+        if offset is None:
+            offset = (await consumer.earliest_offsets(part))[part]
+        await consumer.seek_wait({part: offset})
+        log.warning(
+            "stalled partition re-seeked",
+            extra={"topic": tp.topic, "partition": tp.partition, "offset": offset},
+        )
 
     async def stop(self) -> None:
         if self._registry is not None:
@@ -277,3 +310,25 @@ class Context:
         except Exception:  # the last line of defence must not raise into Faust either
             log.exception("could not dead-letter a failed batch", extra={"stage": stage})
         self.metrics.record(stage, result)
+
+
+def _aiokafka_view(consumer: Any, tp: Any) -> dict[str, Any]:
+    """aiokafka's state of `tp` (private attributes; best effort, for the stall log)."""
+    try:
+        aio = consumer._thread._consumer
+        assignment = aio._subscription.subscription.assignment
+        state = assignment.state_value(tp)
+        fetcher = aio._fetcher
+        refresh = aio._coordinator._commit_refresh_task
+        return {
+            "valid_position": state.has_valid_position,
+            "awaiting_reset": state.awaiting_reset,
+            "kafka_paused": state.paused,
+            "position": state._position,
+            "awaiting_commit": bool(state._committed_futs),
+            "fetched_unread": tp in fetcher._records,
+            "nodes_in_flight": sorted(fetcher._in_flight),
+            "commit_refresh_alive": refresh is not None and not refresh.done(),
+        }
+    except Exception as exc:  # a diagnostic must not stop the watchdog
+        return {"aiokafka_view": repr(exc)}

@@ -107,27 +107,32 @@ class FleetClient:
         await consumer.start()
         fleet: dict[str, DeviceRecord] = {}
         try:
-            # A group-less consumer knows no topic until asked: fetch the metadata first.
-            if FLEET_TOPIC not in await consumer.topics():
-                return fleet
-            parts = consumer.partitions_for_topic(FLEET_TOPIC) or set()
+            # `partitions_for_topic` reads the client's metadata cache, which after start
+            # holds what aiokafka's bootstrap asked for: metadata of an empty topic list.
+            # Apache Kafka answers that with no topics (Tansu with all, which hid this),
+            # and `topics()` fetches full metadata without keeping it. So read the
+            # partitions from a full metadata answer (aiokafka has no public call for it).
+            cluster = await consumer._client.fetch_all_metadata()
+            parts = cluster.partitions_for_topic(FLEET_TOPIC) or set()
             tps = [TopicPartition(FLEET_TOPIC, p) for p in sorted(parts)]
             if not tps:
                 return fleet
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
-            remaining = {tp for tp in tps if ends[tp] > 0}
+            # Done with a partition once the read position reaches the end offset fetched
+            # above: offsets may have gaps (compaction, control records), so the last
+            # record's offset + 1 need not equal it.
+            remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
             while remaining:
                 batches = await consumer.getmany(*remaining, timeout_ms=1000)
-                for tp, msgs in batches.items():
+                for msgs in batches.values():
                     for msg in msgs:
                         if msg.value is not None:
                             with contextlib.suppress(DecodeError):  # _apply says why
                                 await self.book.learn(msg.value)
                         self._apply(fleet, msg.key, msg.value)
-                        if msg.offset + 1 >= ends[tp]:
-                            remaining.discard(tp)
+                remaining = {tp for tp in remaining if await consumer.position(tp) < ends[tp]}
         finally:
             await _stop(consumer)
         return fleet

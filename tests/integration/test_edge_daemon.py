@@ -61,9 +61,16 @@ def bootstrap_models(root: Path) -> EdgeModels:
             from edgeloop.trainer.home import TrainerHome
 
             priv, _ = generate_keypair(root / "keys", overwrite=True)
+            from edgeloop.trainer.budget import EdgeBudget
+            from edgeloop.trainer.gate import GatePolicy
+
+            # These tests need a released student, not a latency verdict: p99 measured on
+            # a loaded shared machine refused it (16 ms > 5 ms) while other tests ran.
+            # The latency gate has its own tests; only its wall-clock bound is lifted here.
+            policy = GatePolicy(budget=EdgeBudget(max_p99_ms=10_000.0))
             report = bootstrap(
                 TrainerHome(root / "trainer"), load_private_key(priv),
-                teacher_epochs=1, student_epochs=3,
+                teacher_epochs=1, student_epochs=3, policy=policy,
             )  # fmt: skip
             assert report["released"].get(STUDENT) == 1, report.get("refused")
             done.touch()
