@@ -285,7 +285,7 @@ def register(app: Any, ctx: Context, settings: ControlSettings, agent: Any) -> C
     watched = frozenset({"cloud.verdicts.v1", "ml.hard-examples.v1", control.log_topic})
 
     async def watch() -> None:
-        ctx.watch_lag(watched)
+        await ctx.watch_lag(watched)
 
     app.task(start)
     app.timer(5.0)(watch)
