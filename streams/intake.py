@@ -186,7 +186,6 @@ class MqttIntake:
     # --- paho thread ---
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        was_empty = not self._pending
         self._pending.append(
             Incoming(
                 msg.mid,
@@ -197,7 +196,13 @@ class MqttIntake:
                 self.connection_count,
             )
         )
-        if was_empty and self._loop is not None:
+        # Wake the consumer when this append made the deque non-empty, judged *after* the
+        # append. Judged before it, the consumer could empty the deque and start waiting
+        # in between: the append then woke nobody, and neither did any later one (the
+        # deque was never empty again), so the bridge stopped taking messages for good.
+        # After it, a waiting consumer (which pops nothing) always sees this length at 1;
+        # paho's network thread is the only producer.
+        if len(self._pending) == 1 and self._loop is not None:
             self._loop.call_soon_threadsafe(self._ready.set)
 
     def _on_connect(self, client: paho.Client, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
