@@ -88,11 +88,6 @@ def withdrew(daemon: EdgeDaemon) -> bool:
     return daemon.state is not None and 2 in daemon.state.current.withdrawn
 
 
-@pytest.mark.xfail(
-    reason="OPEN: failed in the final clean-clone CI run of stop 7 (see its note); "
-    "not yet diagnosed",
-    strict=False,
-)
 async def test_canary_share_then_rollback_through_the_bridge(
     infra_stack: InfraEndpoints,
     bridges: list[BridgeProcess],
@@ -169,6 +164,7 @@ async def test_canary_share_then_rollback_through_the_bridge(
     finally:
         await asyncio.to_thread(server.shutdown)
 
+    assert not [t for t, _ in collector.undecodable if any(f"/{d}/" in t for d in devices)]
     for d in members:
         assert outcome(daemons[d], "applied") == 2  # the canary, then the rollback
         assert outcome(daemons[d], "not_member") == 0
