@@ -17,7 +17,7 @@ help: ## Show the targets
 install: $(STAMP) ## Virtualenv, the package with all extras, Mosquitto, the Tansu broker binary
 	@bash scripts/install-system.sh
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml uv.lock
 	@bash scripts/install-python.sh "$(PYTHON)" "$(VENV)"
 	@touch $(STAMP)
 
