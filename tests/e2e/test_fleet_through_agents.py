@@ -19,7 +19,7 @@ from edgeloop.edge.simulator import DriftSchedule, FleetPlan, FleetSimulator, re
 from edgeloop.infra.testing import InfraEndpoints
 from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.tasks.digits import DigitsTask, load_raw
-from tests.integration.agents_support import AgentsProcess, read_topic, workers
+from tests.integration.agents_support import AgentsProcess, read_topic, start_at_end, workers
 from tests.integration.bridge_support import BridgeProcess, prepare
 from tests.integration.test_agents_worker import worker_env
 from tests.integration.test_edge_daemon import EdgeModels, edge_models
@@ -50,6 +50,7 @@ async def test_fleet_offloads_get_exactly_one_verdict_over_mqtt(
     worker = AgentsProcess(infra_stack.home, f"agents-{prefix}", tmp_path / "agents.log",
                            **worker_env(edge_models))  # fmt: skip
     workers.append(worker)
+    await start_at_end(infra_stack.kafka.bootstrap, f"agents-{prefix}")
     worker.start()
     bridge = BridgeProcess(
         infra_stack.home, f"bridge-{prefix}", tmp_path / "bridge.log",

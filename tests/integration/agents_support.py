@@ -183,6 +183,37 @@ async def topic_size(bootstrap: str, topic: str) -> int:
         await consumer.stop()
 
 
+# The topics every test writes to in volume. The brokers live for the whole test session,
+# so a new app id reading them from the start first works through every earlier test's
+# records: minutes of them, and its hard-example budget (per minute of processing time)
+# spent on them before this test's own arrive.
+BUSY_TOPICS = ("edge.inference.v1", "edge.offload.v1", "cloud.verdicts.v1", "ml.hard-examples.v1")
+
+
+async def start_at_end(
+    bootstrap: str, group_id: str, topics: tuple[str, ...] = BUSY_TOPICS
+) -> None:
+    """Commit `group_id`'s offsets at the current end of `topics`, as an operator does for a
+    new app on topics with history (`kafka-consumer-groups --reset-offsets --to-latest`):
+    the workers then read only what the test writes after this. Call before they start."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()  # aiokafka: no public refresh
+        tps = [
+            TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or set()
+        ]
+        if not tps:
+            return
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.commit(dict(ends))
+    finally:
+        await consumer.stop()
+
+
 @pytest.fixture
 def workers() -> Any:
     """Agents processes a test starts; each is stopped (SIGTERM) after the test."""

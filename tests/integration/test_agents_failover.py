@@ -12,7 +12,13 @@ import pytest
 
 from edgeloop.infra.testing import InfraEndpoints
 from edgeloop.tasks.digits import load_raw
-from tests.integration.agents_support import AgentsProcess, produce_raw, read_topic, workers
+from tests.integration.agents_support import (
+    AgentsProcess,
+    produce_raw,
+    read_topic,
+    start_at_end,
+    workers,
+)
 from tests.integration.bridge_support import prepare
 from tests.integration.test_agents_worker import framer, worker_env
 from tests.integration.test_edge_daemon import EdgeModels, edge_models
@@ -51,6 +57,7 @@ async def test_a_killed_worker_loses_nothing(
     first = AgentsProcess(infra_stack.home, f"agents-{prefix}", tmp_path / "a.log", **env)
     second = AgentsProcess(infra_stack.home, f"agents-{prefix}", tmp_path / "b.log", **env)
     workers.extend([first, second])
+    await start_at_end(infra_stack.kafka.bootstrap, f"agents-{prefix}")
     first.start()
     second.start()
     await asyncio.gather(first.ready(), second.ready())

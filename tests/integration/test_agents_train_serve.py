@@ -25,7 +25,13 @@ from edgeloop.tasks.digits import load_raw
 from edgeloop.trainer.home import TrainerHome
 from edgeloop.trainer.serve_settings import TrainerServeSettings
 from edgeloop.trainer.trigger_consumer import TriggerConsumer
-from tests.integration.agents_support import AgentsProcess, produce_raw, read_topic, workers
+from tests.integration.agents_support import (
+    AgentsProcess,
+    produce_raw,
+    read_topic,
+    start_at_end,
+    workers,
+)
 from tests.integration.bridge_support import prepare
 from tests.integration.test_agents_worker import framer, worker_env
 from tests.integration.test_edge_daemon import EdgeModels, edge_models
@@ -35,11 +41,6 @@ pytestmark = pytest.mark.integration
 __all__ = ["edge_models", "workers"]
 
 
-@pytest.mark.xfail(
-    reason="OPEN: failed in the final clean-clone CI run of stop 7 (see its note); "
-    "not yet diagnosed",
-    strict=False,
-)
 async def test_train_serve_trains_on_the_agents_hard_examples(
     infra_stack: InfraEndpoints,
     edge_models: EdgeModels,
@@ -63,6 +64,7 @@ async def test_train_serve_trains_on_the_agents_hard_examples(
     worker = AgentsProcess(infra_stack.home, f"agents-{prefix}", tmp_path / "w.log",
                            **worker_env(edge_models))  # fmt: skip
     workers.append(worker)
+    await start_at_end(infra_stack.kafka.bootstrap, f"agents-{prefix}")
     worker.start()
     await worker.ready()
     images, _ = load_raw()

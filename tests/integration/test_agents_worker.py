@@ -20,7 +20,13 @@ from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.schemas.topics import subject_for
 from edgeloop.tasks.digits import load_raw
 from edgeloop.trainer.hard_example_source import to_example_set
-from tests.integration.agents_support import AgentsProcess, produce_raw, read_topic, workers
+from tests.integration.agents_support import (
+    AgentsProcess,
+    produce_raw,
+    read_topic,
+    start_at_end,
+    workers,
+)
 from tests.integration.bridge_support import prepare
 from tests.integration.test_edge_daemon import EdgeModels, edge_models
 from tests.unit.agents_support import inference, offload
@@ -57,11 +63,6 @@ def worker_env(models: EdgeModels, **extra: str) -> dict[str, str]:
     }
 
 
-@pytest.mark.xfail(
-    reason="OPEN: failed in the final clean-clone CI run of stop 7 (see its note); "
-    "not yet diagnosed",
-    strict=False,
-)
 async def test_worker_enriches_dedupes_answers_and_dead_letters(
     infra_stack: InfraEndpoints,
     edge_models: EdgeModels,
@@ -92,6 +93,7 @@ async def test_worker_enriches_dedupes_answers_and_dead_letters(
     worker = AgentsProcess(infra_stack.home, f"agents-{prefix}", tmp_path / "w1.log",
                            **worker_env(edge_models))  # fmt: skip
     workers.append(worker)
+    await start_at_end(infra_stack.kafka.bootstrap, f"agents-{prefix}")
     worker.start()
     await worker.ready()
 

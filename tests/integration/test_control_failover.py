@@ -22,7 +22,13 @@ from edgeloop.schemas.framing import ConfluentCodec
 from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.schemas.topics import subject_for
 from tests.e2e.test_control_through_fleet import control_env
-from tests.integration.agents_support import AgentsProcess, produce_raw, read_topic, workers
+from tests.integration.agents_support import (
+    AgentsProcess,
+    produce_raw,
+    read_topic,
+    start_at_end,
+    workers,
+)
 from tests.integration.bridge_support import prepare
 from tests.integration.test_agents_worker import framer
 from tests.unit.agents_support import inference
@@ -70,6 +76,7 @@ async def test_a_killed_control_worker_loses_no_trigger_and_never_regresses_a_ve
     first = AgentsProcess(infra_stack.home, app_id, tmp_path / "a.log", **env)
     second = AgentsProcess(infra_stack.home, app_id, tmp_path / "b.log", **env)
     workers.extend([first, second])
+    await start_at_end(infra_stack.kafka.bootstrap, app_id)
     first.start()
     second.start()
     await asyncio.gather(first.ready(), second.ready())
