@@ -7,8 +7,9 @@
 
 One consumer group drives the publishes and commits a batch's offsets only after every
 MQTT publish of it was acknowledged, so a restart neither skips nor repeats more than one
-batch. A record that can never be delivered (undecodable, an unknown schema id, a writer's
-schema that does not resolve to the shipped one, the wrong event for its topic, a device
+batch. A lost MQTT connection restarts that cycle in-process (`run`), not the bridge. A
+record that can never be delivered (undecodable, an unknown schema id, a writer's schema
+that does not resolve to the shipped one, the wrong event for its topic, a device
 or cohort id that is not a valid MQTT topic level) is
 dead-lettered to `<topic>.dlq.v1` with its reason and counts as handled; a registry that
 is unreachable or answers 5xx is waited out with the shared retry policy
@@ -187,6 +188,34 @@ class Downlink:
         self._backoff = Backoff(initial_s=0.2, max_s=settings.retry_backoff_max_s)
 
     async def run(self) -> None:
+        """Run until cancelled. A lost MQTT connection (a broker restart, a network cut)
+        ends the cycle, not the bridge: reconnect with backoff, re-read the fleet state and
+        go on from the group's committed offsets. The batch in hand when the connection
+        dropped was never committed, so its records are published again (a threshold or
+        release is idempotent on a device by its version), never skipped.
+        """
+        attempt = 0
+        while True:
+            lost: aiomqtt.MqttError | None = None
+            try:
+                await self._cycle()
+            except* aiomqtt.MqttError as group:
+                lost = group.exceptions[0]  # type: ignore[assignment]
+            if self.ready.is_set():
+                attempt = 0  # the last cycle got going: start the backoff again
+            self.ready.clear()
+            self.fleet = Fleet()
+            delay = self._backoff.delay(attempt)
+            attempt += 1
+            self.metrics.retries.labels("mqtt").inc()
+            log.warning(
+                "mqtt connection lost; reconnecting (downlink)",
+                extra={"error": repr(lost), "delay_s": round(delay, 3)},
+            )
+            await asyncio.sleep(delay)
+
+    async def _cycle(self) -> None:
+        """One connection's life: follow the fleet state, then drive the publishes."""
         tls = None
         if self.mqtt.ca_file and self.mqtt.port == self.mqtt.tls_port:
             tls = ssl.create_default_context(cafile=str(self.mqtt.ca_file))

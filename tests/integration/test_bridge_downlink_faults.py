@@ -133,3 +133,51 @@ async def test_a_registry_outage_delays_a_threshold_but_never_skips_it(
         assert bridge.proc is not None and bridge.proc.poll() is None
     finally:
         await registry.stop()
+
+
+async def test_a_broker_restart_does_not_stop_the_downlink(
+    infra_stack: InfraEndpoints,
+    mosquitto_factory: Callable[[], Awaitable[Mosquitto]],
+    bridges: list[BridgeProcess],
+    tmp_path: Path,
+) -> None:
+    """Mosquitto restarts under a running bridge: the downlink reconnects by itself and a
+    threshold produced after the restart reaches its device. Before, the downlink's
+    MQTT error ended the bridge process (uplink included)."""
+    broker = await mosquitto_factory()  # a broker of its own, to restart
+    assert infra_stack.registry is not None
+    stack = InfraEndpoints.write(tmp_path / "home", broker, infra_stack.kafka, infra_stack.registry)
+    await prepare(stack)
+    tag = uuid.uuid4().hex[:6]
+    device = f"m{tag}-0"
+    bridge = BridgeProcess(
+        stack.home,
+        f"bridge-{tag}",
+        tmp_path / "bridge.log",
+        EDGELOOP_BRIDGE_DOWNLINK_GROUP=f"downlink-{tag}",
+        EDGELOOP_BRIDGE_SHARE_GROUP=tag,
+    )
+    bridge.downlink = True
+    bridges.append(bridge)
+    bridge.start()
+    await bridge.subscribed()
+
+    async def version() -> int | None:
+        got = await retained(stack, device, "threshold")
+        return got[-1]["threshold_version"] if got else None
+
+    await produce(
+        stack, [("control.thresholds.v1", device, "ThresholdUpdate", threshold(device, 1))]
+    )
+    assert await until(version) == 1
+    await broker.restart()
+    await produce(
+        stack, [("control.thresholds.v1", device, "ThresholdUpdate", threshold(device, 2))]
+    )
+
+    async def second() -> bool:
+        assert bridge.proc is not None and bridge.proc.poll() is None, bridge.log.read_text()
+        return await version() == 2
+
+    assert await until(second, timeout_s=90)
+    assert "mqtt connection lost; reconnecting (downlink)" in bridge.log.read_text()
