@@ -3,12 +3,20 @@
 A JSON file replaced atomically (write a temp file, fsync, rename, fsync the folder):
 a power cut leaves the old or the new state, never half of one. Written only when a
 ThresholdUpdate or a model swap is applied, so its cost does not matter.
+
+Writers run on two threads: the event loop (threshold updates, withdrawn versions) and the
+model updater's worker threads (`asyncio.to_thread`: a model swap, a refusal). `StateFile`
+serialises them with a lock around each read-modify-write: without it two writers shared
+the temp file (one's rename found it gone: FileNotFoundError, the daemon stopped) and the
+slower one wrote back a state that lacked the other's change (a swapped model's version or
+a withdrawn version lost at the next reboot).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -57,6 +65,8 @@ class StateFile:
     def __init__(self, path: Path, default: DeviceState) -> None:
         self.path = path
         self.current = self._load(default)
+        # One writer at a time, from any thread (module docstring); reentrant: update saves.
+        self._lock = threading.RLock()
 
     def _load(self, default: DeviceState) -> DeviceState:
         if not self.path.exists():
@@ -78,10 +88,22 @@ class StateFile:
             raise ConfigError(f"device state file {self.path} is unreadable: {exc}") from exc
 
     def save(self, state: DeviceState) -> None:
-        write_atomic(self.path, json.dumps(asdict(state), sort_keys=True).encode())
-        self.current = state
+        """Persist `state` atomically and make it current (thread-safe)."""
+        with self._lock:
+            write_atomic(self.path, json.dumps(asdict(state), sort_keys=True).encode())
+            self.current = state
 
     def update(self, **changes: object) -> DeviceState:
-        state = replace(self.current, **changes)  # type: ignore[arg-type]
-        self.save(state)
-        return state
+        """Change some fields of the current state and persist it, as one step: a
+        concurrent update from another thread is never lost (module docstring).
+
+        Args:
+            changes: DeviceState fields and their new values.
+
+        Returns:
+            The state now current.
+        """
+        with self._lock:
+            state = replace(self.current, **changes)  # type: ignore[arg-type]
+            self.save(state)
+            return state

@@ -58,14 +58,28 @@ class ReleaseFacts:
         return not self.refused
 
 
-def release_record(facts: ReleaseFacts, cohort: str) -> dict[str, Any]:
+def release_record(facts: ReleaseFacts, cohort: str, share: float) -> dict[str, Any]:
     """A canary `ModelRelease`, or a REFUSED one when the gate said no.
+
+    The CANARY carries `share`, the rollout judge's canary share: only the devices whose
+    `membership_score` is below it install the candidate, the others stay on the parent
+    and are the judge's control arm. Without it (the schema's default 1.0) every device
+    of the cohort would install the candidate at once: no control arm to judge it against,
+    and a bad release would reach the whole cohort before any evidence.
 
     A refusal names the serving (parent) version and its artifact: the topic is compacted
     by cohort, so its latest record per cohort must stay a valid "run this" instruction; a
     device never applies a version that is not newer than its own, so it changes nothing.
     `reason` is JSON: a person reads it and a tool parses it (trigger id, sample count,
     the ranges trained on, holdout scores, the gate's reasons).
+
+    Args:
+        facts: the retrain's outcome.
+        cohort: the cohort the release goes to first (the record's key).
+        share: the canary share (`TrainerServeSettings.canary_share`, the judge's).
+
+    Returns:
+        The ModelRelease record, Avro-shaped.
     """
     reason = {
         "trigger_id": facts.trigger_id,
@@ -88,6 +102,8 @@ def release_record(facts: ReleaseFacts, cohort: str) -> dict[str, Any]:
         "target": facts.target,
         "parent_version": facts.parent_version,
         "reason": json.dumps(reason, sort_keys=True, separators=(",", ":")),
+        # A REFUSED record installs nothing; 1.0 is the schema's "every device" default.
+        "share": 1.0 if facts.refused else share,
     }
 
 

@@ -8,12 +8,13 @@ from typing import ClassVar
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from edgeloop.artifacts.rollout import DEFAULT_CANARY_SHARE
 from edgeloop.core.settings import _Base
 
 
 class TrainerServeSettings(_Base):
     model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
-        env_prefix="EDGELOOP_TRAINER_", frozen=True, extra="ignore"
+        env_prefix="EDGELOOP_TRAINER_", frozen=True, extra="ignore", populate_by_name=True
     )
 
     # Trainer home (store, checkpoints, runs, ledger); None = $EDGELOOP_HOME/trainer.
@@ -30,6 +31,12 @@ class TrainerServeSettings(_Base):
     models: tuple[str, ...] = ("digits-student",)
     # A released model goes to this cohort first; the rollout judge promotes it in waves.
     canary_cohort: str = "canary"
+    # The share of that cohort's devices the CANARY release applies to (ModelRelease.share).
+    # It is the rollout judge's canary share, read from the judge's own variable so the two
+    # cannot disagree: the judge compares the members against the rest of the cohort.
+    canary_share: float = Field(
+        DEFAULT_CANARY_SHARE, gt=0, lt=1, validation_alias="EDGELOOP_CONTROL_JUDGE__CANARY_SHARE"
+    )
     # Where devices download artifacts (the store served over HTTP); None = file:// URLs.
     artifact_base_url: str | None = None
     epochs: int = Field(15, ge=1)

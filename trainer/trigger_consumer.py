@@ -408,7 +408,7 @@ class TriggerConsumer:
             self.settings.releases_topic,
             "ModelRelease",
             cohort,
-            release_record(facts, cohort),
+            release_record(facts, cohort, self.settings.canary_share),
             [("trigger_id", facts.trigger_id.encode())],
         )
         outcome = "released" if facts.released else "refused"

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from edgeloop.artifacts.rollout import DEFAULT_CANARY_SHARE
 from edgeloop.core.settings import _Base
 
 
@@ -140,7 +141,7 @@ class JudgeSettings(BaseModel):
     max_samples: int = Field(2000, ge=50)
     # Share of the devices on the candidate at each stage: the canary, then the waves;
     # FULL (everyone) follows the last wave.
-    canary_share: float = Field(0.05, gt=0, lt=1)
+    canary_share: float = Field(DEFAULT_CANARY_SHARE, gt=0, lt=1)
     wave_shares: tuple[float, ...] = (0.25,)
     # Inconclusive windows a stage may extend before the candidate is rolled back: a
     # release is never promoted without evidence.

@@ -28,6 +28,11 @@ import hashlib
 
 _TWO_64 = 2.0**64
 
+# The canary stage's share when nothing is configured: the rollout judge's default
+# (`JudgeSettings.canary_share`) and the trainer's CANARY release (`TrainerServeSettings.
+# canary_share`) both start from it, so a release and its judge agree on who is a member.
+DEFAULT_CANARY_SHARE = 0.05
+
 
 def membership_score(model_name: str, version: int, device_id: str) -> float:
     """The device's position in [0, 1) for this release of this model.

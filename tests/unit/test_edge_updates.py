@@ -280,6 +280,30 @@ def test_threshold_applies_only_when_newer_and_is_persisted(tmp_path: Path) -> N
     assert (again.current.threshold.version, again.current.threshold.tau) == (4, 0.7)
 
 
+def test_state_writes_from_two_threads_lose_nothing_and_never_raise(tmp_path: Path) -> None:
+    # The daemon writes its state from the event loop (thresholds, withdrawn versions) and
+    # from the updater's worker threads (a model swap, a refusal) at the same time.
+    default = DeviceState(AppliedThreshold(0, 0.8, "MAX_PROB", 0.0))
+    state = StateFile(tmp_path / "state.json", default)
+    n = 150
+
+    def models() -> None:
+        for i in range(1, n + 1):
+            state.update(model_version=i)
+
+    def thresholds() -> None:
+        for i in range(1, n + 1):
+            state.update(threshold=AppliedThreshold(i, 0.5, "MAX_PROB", 0.02))
+
+    with ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(models), pool.submit(thresholds)]
+        for f in done:
+            f.result()  # the old code: FileNotFoundError (both renamed one temp file)
+    # Neither writer's last change was overwritten by the other's stale copy.
+    for s in (state.current, StateFile(tmp_path / "state.json", default).current):
+        assert (s.model_version, s.threshold.version) == (n, n)
+
+
 def test_verdicts_are_matched_and_counted() -> None:
     pending = PendingVerdicts(capacity=2)
     counter = VerdictCounter("dev-1", pending, EdgeMetrics())

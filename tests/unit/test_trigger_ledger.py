@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeloop.agents.control.settings import ControlSettings, JudgeSettings
 from edgeloop.core.errors import ConfigError
 from edgeloop.schemas import catalog
 from edgeloop.schemas.framing import ConfluentCodec
@@ -16,6 +17,7 @@ from edgeloop.trainer.release_events import (
     release_event_id,
     release_record,
 )
+from edgeloop.trainer.serve_settings import TrainerServeSettings
 from edgeloop.trainer.trigger_ledger import TriggerLedger
 
 
@@ -73,7 +75,7 @@ def _facts(refused: tuple[str, ...] = ()) -> ReleaseFacts:
 
 @pytest.mark.parametrize("refused", [(), ("drifted holdout accuracy does not beat",)])
 def test_release_events_encode_with_the_shipped_schema(refused: tuple[str, ...]) -> None:
-    record = release_record(_facts(refused), "canary")
+    record = release_record(_facts(refused), "canary", 0.05)
     schema = catalog.get("ModelRelease")
     codec = ConfluentCodec()
     codec.add(7, schema)
@@ -85,8 +87,30 @@ def test_release_events_encode_with_the_shipped_schema(refused: tuple[str, ...])
     assert why["refused"] == list(refused)
     # A release published again after a crash carries the same id: deduplicated downstream.
     assert (
-        decoded["event_id"] == release_event_id("t-9") == release_record(_facts(), "x")["event_id"]
+        decoded["event_id"]
+        == release_event_id("t-9")
+        == release_record(_facts(), "x", 0.5)["event_id"]
     )
+
+
+def test_the_canary_goes_to_the_judges_share_of_the_cohort_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One knob: the judge's canary share is also what the trainer's CANARY carries, so the
+    # devices that install the candidate are exactly the judge's canary arm.
+    assert TrainerServeSettings().canary_share == JudgeSettings().canary_share
+    monkeypatch.setenv("EDGELOOP_CONTROL_JUDGE__CANARY_SHARE", "0.2")
+    settings = TrainerServeSettings()
+    assert settings.canary_share == ControlSettings().judge.canary_share == 0.2
+    schema = catalog.get("ModelRelease")
+    codec = ConfluentCodec()
+    codec.add(7, schema)
+    for refused, share in (((), 0.2), (("gate",), 1.0)):
+        record = release_record(_facts(refused), "canary", settings.canary_share)
+        decoded = codec.decode(codec.encode(7, schema, record))[2]
+        # Without it the schema's default (1.0) put every device of the cohort on the
+        # candidate: no control arm, and a bad release everywhere before any evidence.
+        assert decoded["share"] == share
 
 
 def test_dead_letter_keeps_a_capped_copy_of_the_trigger() -> None:
