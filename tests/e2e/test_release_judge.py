@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from onnx import numpy_helper
 
 from edgeloop.agents.fleet import FleetClient, new_record
@@ -44,7 +44,7 @@ from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.tasks.digits import DigitsTask, load_raw
 from edgeloop.trainer.release_events import EventPublisher, ReleaseFacts, release_record
 from edgeloop.trainer.serve_settings import TrainerServeSettings
-from tests.integration.agents_support import AgentsProcess, read_topic, workers
+from tests.integration.agents_support import AgentsProcess, read_topic, start_at_end, workers
 from tests.integration.bridge_support import BridgeProcess, prepare
 from tests.integration.test_agents_worker import worker_env
 from tests.integration.test_bridge_downlink import produce
@@ -72,35 +72,6 @@ JUDGE_ENV = {
     "EDGELOOP_CONTROL_JUDGE__CANARY_SHARE": str(CANARY_SHARE),
     "EDGELOOP_CONTROL_JUDGE__WAVE_SHARES": "[0.75]",
 }
-
-
-# The busy topics: a new app id reading them from the start would first work through every
-# earlier test's records on the shared brokers.
-BUSY_TOPICS = ("edge.inference.v1", "edge.offload.v1", "cloud.verdicts.v1", "ml.hard-examples.v1")
-
-
-async def start_at_end(
-    bootstrap: str, group_id: str, topics: tuple[str, ...] = BUSY_TOPICS
-) -> None:
-    """Commit `group_id`'s offsets at the current end of `topics`, as an operator does for a
-    new app on topics with history (`kafka-consumer-groups --reset-offsets --to-latest`):
-    the workers then read only what the test writes after this. Call before they start."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        await consumer._client.force_metadata_update()  # aiokafka: no public refresh
-        tps = [
-            TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or set()
-        ]
-        if not tps:
-            return
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        await consumer.commit(dict(ends))
-    finally:
-        await consumer.stop()
 
 
 def pick_devices(prefix: str, members: int, others: int) -> tuple[list[str], list[str]]:
