@@ -84,13 +84,17 @@ def fleet() -> None:
 
 def _run(coro_fn: Any) -> Any:
     from edgeloop.agents.fleet import FleetClient
+    from edgeloop.cli.fixes import reachable
     from edgeloop.schemas.registry.client import RegistryClient
+
+    kafka = KafkaSettings.load()
 
     async def main() -> Any:
         async with RegistryClient.from_settings(RegistrySettings.load()) as registry:
-            return await coro_fn(FleetClient(KafkaSettings.load(), registry))
+            return await coro_fn(FleetClient(kafka, registry))
 
-    return asyncio.run(main())
+    with reachable(edgeloop_home(), kafka=kafka.bootstrap, registry=True):
+        return asyncio.run(main())
 
 
 def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
