@@ -58,9 +58,11 @@ def agents(**options: Any) -> None:
         "data_dir": home / "agents",
     }
     settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
-    app = make_app(
-        settings, KafkaSettings.load(), RegistrySettings.load(), control=ControlSettings.load()
-    )
+    from edgeloop.cli.fixes import require_kafka_listening
+
+    kafka = KafkaSettings.load()
+    require_kafka_listening(kafka.bootstrap, home)
+    app = make_app(settings, kafka, RegistrySettings.load(), control=ControlSettings.load())
     # uvloop: the worker spends most of its time in the event loop's own machinery
     # (Faust schedules several callbacks per event).
     import uvloop

@@ -103,12 +103,14 @@ def run(*, device_id: str, cert: Path | None, key: Path | None, ca: Path | None,
     mqtt: MqttSettings = MqttSettings.load(home)
     if cert is None or key is None:
         if mqtt.pki_dir is None:
-            raise ConfigError("no device certificate: pass --cert/--key or run `infra up` first")
+            raise ConfigError(
+                "no device certificate: pass --cert/--key or run `edgeloop infra up` first"
+            )
         cert = cert or mqtt.pki_dir / "devices" / f"{device_id}.crt"
         key = key or mqtt.pki_dir / "devices" / f"{device_id}.key"
     ca = ca or mqtt.ca_file or (mqtt.pki_dir / "ca.crt" if mqtt.pki_dir else None)
     if ca is None:
-        raise ConfigError("no CA certificate: pass --ca or run `infra up` first")
+        raise ConfigError("no CA certificate: pass --ca or run `edgeloop infra up` first")
     for what, path in (("certificate", cert), ("key", key), ("CA", ca)):
         if not path.exists():
             raise ConfigError(

@@ -9,6 +9,7 @@ line, without a traceback.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +56,33 @@ def require_key(path: Path, elsewhere: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"no release key {path}: run `{KEYS_INIT}` first (or {elsewhere})")
     return path
+
+
+def require_kafka_listening(bootstrap: str, home: Path, *, timeout_s: float = 2.0) -> None:
+    """Fail before start-up when no bootstrap server accepts a TCP connection.
+
+    For commands whose own error handling hides the cause: the Faust worker catches
+    aiokafka's KafkaConnectionError itself, logs it and exits 1 without a message of ours.
+    It would stop at once anyway, so checking first changes no outcome, only the words.
+
+    Args:
+        bootstrap: host:port[,host:port...].
+        home: $EDGELOOP_HOME.
+        timeout_s: how long one connection attempt may take.
+
+    Raises:
+        EndpointUnreachableError: not one of the servers accepted a connection.
+    """
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout_s):
+                return
+        except (OSError, ValueError):
+            continue
+    raise EndpointUnreachableError(
+        f"Kafka at {bootstrap} is not reachable; {start_hint(home, 'EDGELOOP_KAFKA_BOOTSTRAP')}"
+    )
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
