@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgeloop.core.errors import ConfigError
 from edgeloop.tasks.digits import get_task
 from edgeloop.trainer.export import onnx_logits
 from edgeloop.trainer.hard_examples import select_hard
@@ -30,13 +31,25 @@ def _softmax(z: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 def mine_field_pool(
     home: TrainerHome, out: Path, *, seed: int = 0, limit: int | None = None
 ) -> dict[str, Any]:
-    """Write a HardExampleSet to `out`; return counts by reason and label quality."""
+    """Write a HardExampleSet to `out`; return counts by reason and label quality.
+
+    Raises:
+        ConfigError: the store holds no student or no teacher (bootstrap never ran).
+    """
     pool = get_task("digits").splits(seed).field_pool
     x = pool.x if limit is None else pool.x[:limit]
     store = home.store
+    student_v = max(store.versions(STUDENT_MODEL), default=0)
+    teacher_v = max(store.versions(TEACHER_MODEL), default=0)
+    if student_v == 0 or teacher_v == 0:
+        # The same words as `retrain`: an empty store means bootstrap never ran here.
+        raise ConfigError(
+            f"no serving {STUDENT_MODEL} / {TEACHER_MODEL} in {home.root / 'store'}"
+            "; run `edgeloop models bootstrap` first"
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        s_dir = store.fetch(STUDENT_MODEL, max(store.versions(STUDENT_MODEL)), Path(tmp) / "s")
-        t_dir = store.fetch(TEACHER_MODEL, max(store.versions(TEACHER_MODEL)), Path(tmp) / "t")
+        s_dir = store.fetch(STUDENT_MODEL, student_v, Path(tmp) / "s")
+        t_dir = store.fetch(TEACHER_MODEL, teacher_v, Path(tmp) / "t")
         s_probs = _softmax(onnx_logits(s_dir / MODEL_FILE, x))
         t_probs = _softmax(onnx_logits(t_dir / MODEL_FILE, x))
     hard = select_hard(x, s_probs, t_probs, seed=seed)

@@ -58,9 +58,11 @@ def agents(**options: Any) -> None:
         "data_dir": home / "agents",
     }
     settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
-    app = make_app(
-        settings, KafkaSettings.load(), RegistrySettings.load(), control=ControlSettings.load()
-    )
+    from edgeloop.cli.fixes import require_kafka_listening
+
+    kafka = KafkaSettings.load()
+    require_kafka_listening(kafka.bootstrap, home)
+    app = make_app(settings, kafka, RegistrySettings.load(), control=ControlSettings.load())
     # uvloop: the worker spends most of its time in the event loop's own machinery
     # (Faust schedules several callbacks per event).
     import uvloop
@@ -84,13 +86,17 @@ def fleet() -> None:
 
 def _run(coro_fn: Any) -> Any:
     from edgeloop.agents.fleet import FleetClient
+    from edgeloop.cli.fixes import reachable
     from edgeloop.schemas.registry.client import RegistryClient
+
+    kafka = KafkaSettings.load()
 
     async def main() -> Any:
         async with RegistryClient.from_settings(RegistrySettings.load()) as registry:
-            return await coro_fn(FleetClient(KafkaSettings.load(), registry))
+            return await coro_fn(FleetClient(kafka, registry))
 
-    return asyncio.run(main())
+    with reachable(edgeloop_home(), kafka=kafka.bootstrap, registry=True):
+        return asyncio.run(main())
 
 
 def _labels(pairs: tuple[str, ...]) -> dict[str, str]:

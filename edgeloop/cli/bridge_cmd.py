@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
+from edgeloop.cli.fixes import reachable
+from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings, edgeloop_home
 from edgeloop.streams.settings import BridgeSettings
 
 
@@ -69,9 +70,10 @@ def bridge(**options: Any) -> None:
 
     overrides = {k: v for k, v in options.items() if v is not None}
     settings = BridgeSettings.load(**overrides)
-    asyncio.run(
-        run_bridge(settings, MqttSettings.load(), KafkaSettings.load(), RegistrySettings.load())
-    )
+    home = edgeloop_home()
+    mqtt, kafka = MqttSettings.load(home), KafkaSettings.load(home)
+    with reachable(home, kafka=kafka.bootstrap, mqtt=(mqtt.host, mqtt.port), registry=True):
+        asyncio.run(run_bridge(settings, mqtt, kafka, RegistrySettings.load(home)))
 
 
 @click.group()
@@ -86,5 +88,7 @@ def create(partitions: int, replication: int) -> None:
     """Create every missing topic (compacted where the map says so)."""
     from edgeloop.streams.topic_admin import ensure_topics
 
-    created = asyncio.run(ensure_topics(KafkaSettings.load().bootstrap, partitions, replication))
+    bootstrap = KafkaSettings.load().bootstrap
+    with reachable(edgeloop_home(), kafka=bootstrap):
+        created = asyncio.run(ensure_topics(bootstrap, partitions, replication))
     click.echo(f"created {len(created)} topics" + (f": {', '.join(created)}" if created else ""))

@@ -6,7 +6,7 @@ import asyncio
 
 import click
 
-from edgeloop.core.settings import KafkaSettings, RegistrySettings
+from edgeloop.core.settings import KafkaSettings, RegistrySettings, edgeloop_home
 
 
 @click.group()
@@ -32,9 +32,9 @@ def status(model: str, signal_tail: int) -> None:
     against the cloud budget, confidence PSI and release stage; and the hard examples no
     training trigger has covered yet. Read from the compacted and signal topics."""
     from edgeloop.agents.control_status import read_status, render
+    from edgeloop.cli.fixes import reachable
 
-    view = asyncio.run(
-        read_status(KafkaSettings.load().bootstrap, RegistrySettings.load().url, model,
-                    signal_tail)
-    )  # fmt: skip
+    bootstrap = KafkaSettings.load().bootstrap
+    with reachable(edgeloop_home(), kafka=bootstrap, registry=True):
+        view = asyncio.run(read_status(bootstrap, RegistrySettings.load().url, model, signal_tail))
     click.echo(render(view))

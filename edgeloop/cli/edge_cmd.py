@@ -7,13 +7,18 @@ development PKI (`edgeloop.infra.pki`, cryptography only) for device certificate
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 from typing import Any
 
 import click
 
+from edgeloop.cli.fixes import require_key
 from edgeloop.core.errors import ConfigError
 from edgeloop.core.settings import MqttSettings, edgeloop_home
+
+# Where a device's release public key comes from when this host holds none.
+PUBKEY_ELSEWHERE = "pass --pubkey with the trainer's release.pub"
 
 
 def _common(fn: Any) -> Any:
@@ -98,12 +103,14 @@ def run(*, device_id: str, cert: Path | None, key: Path | None, ca: Path | None,
     mqtt: MqttSettings = MqttSettings.load(home)
     if cert is None or key is None:
         if mqtt.pki_dir is None:
-            raise ConfigError("no device certificate: pass --cert/--key or run `infra up` first")
+            raise ConfigError(
+                "no device certificate: pass --cert/--key or run `edgeloop infra up` first"
+            )
         cert = cert or mqtt.pki_dir / "devices" / f"{device_id}.crt"
         key = key or mqtt.pki_dir / "devices" / f"{device_id}.key"
     ca = ca or mqtt.ca_file or (mqtt.pki_dir / "ca.crt" if mqtt.pki_dir else None)
     if ca is None:
-        raise ConfigError("no CA certificate: pass --ca or run `infra up` first")
+        raise ConfigError("no CA certificate: pass --ca or run `edgeloop infra up` first")
     for what, path in (("certificate", cert), ("key", key), ("CA", ca)):
         if not path.exists():
             raise ConfigError(
@@ -118,6 +125,9 @@ def run(*, device_id: str, cert: Path | None, key: Path | None, ca: Path | None,
         pubkey=pubkey or home / "keys" / "release.pub",
         **_overrides(initial_model=initial_model, metrics_port=metrics_port, **kw),
     )
+    if settings.pubkey is not None:
+        # Checked here: inside the daemon a missing key is a crash after start-up.
+        require_key(settings.pubkey, PUBKEY_ELSEWHERE)
     frames: FrameSource
     if source.startswith("dir:"):
         frames = DirectorySource(Path(source[4:]), rate_hz=rate)
@@ -134,10 +144,18 @@ def run(*, device_id: str, cert: Path | None, key: Path | None, ca: Path | None,
     metrics = EdgeMetrics()
     from edgeloop.tasks.digits import DigitsTask
 
+    try:
+        tls = device_tls(cert, key, ca)
+    except ssl.SSLError as exc:
+        # Files that exist but hold no usable PEM (a release key passed as --ca, a cert
+        # from another CA's key): name all three and where good ones come from.
+        raise ConfigError(
+            f"cannot use --cert {cert} / --key {key} / --ca {ca}: {exc.reason or exc}; "
+            f"issue a matching set with `edgeloop edge enroll {device_id}`"
+        ) from exc
     daemon = EdgeDaemon(
-        settings, Endpoint(mqtt.host, mqtt.tls_port, device_tls(cert, key, ca)), frames,
-        DigitsTask(), metrics=metrics,
-    )  # fmt: skip
+        settings, Endpoint(mqtt.host, mqtt.tls_port, tls), frames, DigitsTask(), metrics=metrics
+    )
 
     async def main() -> None:
         if settings.metrics_port is None:
@@ -192,6 +210,9 @@ def simulate(*, devices: int, prefix: str, cohorts: str, drift_schedule: tuple[s
         pubkey=pubkey or home / "keys" / "release.pub",
         **_overrides(initial_model=initial_model, **kw),
     )
+    if base.pubkey is not None:
+        # Checked here: inside the simulator each device crashes on it after start-up.
+        require_key(base.pubkey, PUBKEY_ELSEWHERE)
     plan = FleetPlan(
         devices=devices,
         prefix=prefix,

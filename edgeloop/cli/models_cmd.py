@@ -16,6 +16,7 @@ from edgeloop.artifacts.signing import (
     load_public_key,
 )
 from edgeloop.artifacts.verify import verify_artifact
+from edgeloop.cli.fixes import require_key
 from edgeloop.core.settings import edgeloop_home
 
 
@@ -60,7 +61,9 @@ def bootstrap(
     from edgeloop.trainer.home import TrainerHome
 
     home = TrainerHome(out or edgeloop_home() / "trainer")
-    private = load_private_key(key or edgeloop_home() / "keys" / PRIVATE_KEY_NAME)
+    private = load_private_key(
+        require_key(key or edgeloop_home() / "keys" / PRIVATE_KEY_NAME, "pass --key")
+    )
     steps = [
         "train teacher",
         "train student",
@@ -123,7 +126,9 @@ def bootstrap(
 def verify(artifact_dir: Path, min_version: int | None, pubkey: Path | None, target: str) -> None:
     """Verify an artifact exactly as a device does: signature, hashes, version, expiry,
     target. Exits 1 naming the failed check."""
-    key = load_public_key(pubkey or edgeloop_home() / "keys" / PUBLIC_KEY_NAME)
+    key = load_public_key(
+        require_key(pubkey or edgeloop_home() / "keys" / PUBLIC_KEY_NAME, "pass --pubkey")
+    )
     try:
         manifest = verify_artifact(artifact_dir, key, min_version=min_version, target=target)
     except VerificationError as exc:

@@ -6,8 +6,9 @@ import asyncio
 
 import click
 
+from edgeloop.cli.fixes import reachable
 from edgeloop.core.runner import run_services
-from edgeloop.core.settings import KafkaSettings
+from edgeloop.core.settings import KafkaSettings, edgeloop_home
 
 # aiohttp and aiokafka (the cloud extra) load only when this subcommand runs: the CLI
 # group imports this module lazily.
@@ -60,4 +61,5 @@ def registry(
     service = RegistryService(
         servers, host=host, port=port, topic=topic, metrics_port=metrics_port, timeout_s=timeout_s
     )
-    asyncio.run(run_services([service]))
+    with reachable(edgeloop_home(), kafka=servers):
+        asyncio.run(run_services([service]))

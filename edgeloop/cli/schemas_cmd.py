@@ -17,8 +17,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from edgeloop.cli.fixes import reachable
 from edgeloop.core.errors import RegistryError, SchemaError
-from edgeloop.core.settings import RegistrySettings
+from edgeloop.core.settings import RegistrySettings, edgeloop_home
 from edgeloop.schemas import catalog
 from edgeloop.schemas.registry import api, compat
 from edgeloop.schemas.registry.client import RegistryClient
@@ -49,7 +50,8 @@ def register(url: str | None) -> None:
     Fleet topics get FULL_TRANSITIVE compatibility first, so a later incompatible
     change is refused by the registry itself.
     """
-    rows = asyncio.run(_register(_client(url)))
+    with reachable(edgeloop_home(), registry=True, registry_option="--url"):
+        rows = asyncio.run(_register(_client(url)))
     table = Table(title="registered schemas")
     for column in ("subject", "event", "compatibility", "id", "version"):
         table.add_column(column)
@@ -109,7 +111,8 @@ def check(*, url: str | None, path: Path | None, subject: str | None, level: str
     else:
         targets = [(subject_for(s.name), catalog.schema_text(s.event)) for s in TOPICS.values()]
     chosen = CompatibilityLevel(level.upper()) if level else None
-    verdicts = asyncio.run(_check(_client(url), targets, chosen))
+    with reachable(edgeloop_home(), registry=True, registry_option="--url"):
+        verdicts = asyncio.run(_check(_client(url), targets, chosen))
     table = Table(title="compatibility")
     for column in ("subject", "level", "versions checked", "result"):
         table.add_column(column)

@@ -14,6 +14,7 @@ from edgeloop.artifacts.signing import (
     load_private_key,
     load_public_key,
 )
+from edgeloop.cli.fixes import reachable, require_key
 from edgeloop.core.errors import ConfigError
 from edgeloop.core.settings import edgeloop_home
 
@@ -80,8 +81,8 @@ def run(
     keys = edgeloop_home() / "keys"
     report = retrain(
         TrainerHome(_home(out)),
-        load_private_key(keys / PRIVATE_KEY_NAME),
-        load_public_key(keys / PUBLIC_KEY_NAME),
+        load_private_key(require_key(keys / PRIVATE_KEY_NAME, "set EDGELOOP_HOME")),
+        load_public_key(require_key(keys / PUBLIC_KEY_NAME, "set EDGELOOP_HOME")),
         RetrainRequest(
             hard_examples=hard_examples,
             trigger_id=trigger_id,
@@ -158,17 +159,18 @@ def serve(**options: Any) -> None:
     home = settings.home or _home(None)
     keys = settings.keys_dir or edgeloop_home() / "keys"
     for name in (PRIVATE_KEY_NAME, PUBLIC_KEY_NAME):
-        if not (keys / name).is_file():
-            raise ConfigError(f"no release key {keys / name}; run `edgeloop keys init` first")
+        require_key(keys / name, "set EDGELOOP_TRAINER_KEYS_DIR")
+    kafka = KafkaSettings.load()
 
     async def main() -> None:
         async with RegistryClient.from_settings(RegistrySettings.load()) as registry:
             consumer = TriggerConsumer(
-                settings, KafkaSettings.load(), registry, home=TrainerHome(home), keys_dir=keys
+                settings, kafka, registry, home=TrainerHome(home), keys_dir=keys
             )
             await run_services([consumer])
 
-    asyncio.run(main())
+    with reachable(edgeloop_home(), kafka=kafka.bootstrap, registry=True):
+        asyncio.run(main())
 
 
 @train.command("trigger")
@@ -199,9 +201,10 @@ def trigger(app_id: str, request_id: str | None, detail: str) -> None:
     from edgeloop.core.settings import KafkaSettings
 
     rid = request_id or f"manual-{uuid.uuid4()}"
+    bootstrap = KafkaSettings.load().bootstrap
 
     async def send() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=KafkaSettings.load().bootstrap, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
         await producer.start()
         try:
             value = encode(manual(rid, now_us(), detail))
@@ -209,5 +212,6 @@ def trigger(app_id: str, request_id: str | None, detail: str) -> None:
         finally:
             await producer.stop()
 
-    asyncio.run(send())
+    with reachable(edgeloop_home(), kafka=bootstrap):
+        asyncio.run(send())
     click.echo(f"manual trigger requested: {rid} (app {app_id})")

@@ -62,6 +62,13 @@ class RegistryUnavailableError(EdgeloopError):
     retriable = True
 
 
+class EndpointUnreachableError(EdgeloopError):
+    """A broker (Kafka, MQTT) refused or dropped the connection; the message names its
+    host:port and the command that starts it."""
+
+    retriable = True
+
+
 class InfraError(EdgeloopError):
     """A piece of the embedded infrastructure could not be installed or started."""
 

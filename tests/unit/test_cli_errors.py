@@ -1,0 +1,209 @@
+"""A newcomer's first mistakes end in one line that names the command that fixes them.
+
+Each case runs the real `edgeloop` entry point (`python -m edgeloop`) in a subprocess on
+a fresh $EDGELOOP_HOME, with every endpoint pointed at a closed 127.0.0.1 port, and
+checks what the user reads: a non-zero exit, the fix (`edgeloop keys init`, `edgeloop
+infra up`, ...), the host:port or path at fault, and no Python traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeloop.artifacts.signing import generate_keypair
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on: bound once to get a free number, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def port() -> int:
+    return _closed_port()
+
+
+def _edgeloop(
+    home: Path, port: int, *args: str, pki_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `edgeloop ARGS` as a user would, every endpoint at the closed `port` (and the
+    development CA in `pki_dir`, as `infra up` would have written it to infra.env)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_")}
+    env.update(
+        EDGELOOP_HOME=str(home),
+        EDGELOOP_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}",
+        EDGELOOP_REGISTRY_URL=f"http://127.0.0.1:{port}",
+        EDGELOOP_MQTT_HOST="127.0.0.1",
+        EDGELOOP_MQTT_PORT=str(port),
+    )
+    if pki_dir is not None:
+        env["EDGELOOP_PKI_DIR"] = str(pki_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "edgeloop", "--log-level", "error", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The `error: ...` line the entry point prints, after asserting the failure was clean:
+    non-zero exit, and no traceback printed by Python (log records are single lines
+    starting with `ts=`; a raw traceback starts a line with `Traceback`)."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert not any(line.startswith("Traceback") for line in lines), result.stderr
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_models_bootstrap_before_keys_init_names_keys_init(tmp_path: Path, port: int) -> None:
+    """The issue's case: it used to say only "cannot load private key ...: No such file"."""
+    line = _error_line(_edgeloop(tmp_path, port, "models", "bootstrap"))
+    assert "`edgeloop keys init`" in line, line
+    assert str(tmp_path / "keys" / "release.key") in line, line
+
+
+def test_models_verify_without_public_key_names_keys_init(tmp_path: Path, port: int) -> None:
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    line = _error_line(_edgeloop(tmp_path, port, "models", "verify", str(artifact)))
+    assert "`edgeloop keys init`" in line, line
+    assert "--pubkey" in line, line
+
+
+def test_train_run_without_keys_names_keys_init(tmp_path: Path, port: int) -> None:
+    hard = tmp_path / "hard.npz"
+    hard.write_bytes(b"")
+    result = _edgeloop(
+        tmp_path, port, "train", "run", "--hard-examples", str(hard), "--trigger-id", "t1"
+    )
+    assert "`edgeloop keys init`" in _error_line(result)
+
+
+def test_train_mine_on_an_empty_store_names_models_bootstrap(tmp_path: Path, port: int) -> None:
+    """An empty model store used to end in `ValueError: max() arg is an empty sequence`."""
+    result = _edgeloop(tmp_path, port, "train", "mine", "--hard-out", str(tmp_path / "h.npz"))
+    line = _error_line(result)
+    assert "`edgeloop models bootstrap`" in line, line
+    assert str(tmp_path / "trainer" / "store") in line, line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("fleet", "list"),
+        ("control", "status"),
+        ("topics", "create"),
+        ("train", "trigger"),
+        # Services: their crash used to name only the exception, not the fix.
+        ("registry", "--port", "0"),
+        ("train", "serve"),
+        # The Faust worker logged aiokafka's traceback and exited 1 without a message.
+        ("agents", "--no-verdicts"),
+    ],
+    ids=" ".join,
+)
+def test_kafka_not_reachable_names_the_address_and_infra_up(
+    tmp_path: Path, port: int, args: tuple[str, ...]
+) -> None:
+    """One-shot commands used to print aiokafka's KafkaConnectionError traceback."""
+    generate_keypair(tmp_path / "keys")  # `train serve` checks its keys before Kafka
+    line = _error_line(_edgeloop(tmp_path, port, *args))
+    assert f"Kafka at 127.0.0.1:{port} is not reachable" in line, line
+    # A home where `infra up` never ran: say so, and the command that does it.
+    assert "infra.env does not exist" in line, line
+    assert "`edgeloop infra up`" in line, line
+
+
+def test_kafka_not_reachable_after_infra_up_names_infra_status(tmp_path: Path, port: int) -> None:
+    """With infra.env written (the stack was brought up once), the stack is down: check it."""
+    (tmp_path / "infra.env").write_text(f"EDGELOOP_KAFKA_BOOTSTRAP=127.0.0.1:{port}\n")
+    line = _error_line(_edgeloop(tmp_path, port, "topics", "create"))
+    assert "`edgeloop infra status`" in line, line
+    assert "`edgeloop infra up`" in line, line
+
+
+def test_bridge_with_mqtt_not_reachable_names_the_broker_and_infra_up(
+    tmp_path: Path, port: int
+) -> None:
+    line = _error_line(_edgeloop(tmp_path, port, "bridge"))
+    assert f"MQTT broker at 127.0.0.1:{port} is not reachable" in line, line
+    assert "`edgeloop infra up`" in line, line
+
+
+@pytest.mark.parametrize(
+    "args", [("schemas", "check"), ("fleet", "register", "pi-1")], ids=" ".join
+)
+def test_registry_not_reachable_names_infra_up(
+    tmp_path: Path, port: int, args: tuple[str, ...]
+) -> None:
+    """The registry's own message named the URL but not how to start it."""
+    line = _error_line(_edgeloop(tmp_path, port, *args))
+    assert f"http://127.0.0.1:{port}" in line, line
+    assert "`edgeloop infra up`" in line, line
+
+
+def test_edge_run_with_unusable_tls_files_names_enroll(tmp_path: Path, port: int) -> None:
+    """Files that exist but are no certificate used to end in an ssl.SSLError traceback."""
+    generate_keypair(tmp_path / "keys")
+    not_a_cert = tmp_path / "ca.crt"
+    not_a_cert.write_text("not a certificate\n")
+    result = _edgeloop(
+        tmp_path, port, "edge", "run", "--device-id", "pi-3",
+        "--cert", str(not_a_cert), "--key", str(not_a_cert), "--ca", str(not_a_cert),
+    )  # fmt: skip
+    line = _error_line(result)
+    assert "`edgeloop edge enroll pi-3`" in line, line
+    assert f"--ca {not_a_cert}" in line, line
+
+
+def test_a_crash_is_blamed_on_the_endpoint_that_failed_first(tmp_path: Path) -> None:
+    """The bridge talks to MQTT, Kafka and the registry; a registry that refused the
+    connection is reported as the registry, not as the MQTT broker whose check also
+    matches the ConnectionRefusedError underneath."""
+    # Imported here, so the subprocess cases above also run on a tree without this module.
+    from edgeloop.cli.fixes import reachable
+    from edgeloop.core.errors import RegistryUnavailableError, ServiceCrashedError
+
+    unavailable = RegistryUnavailableError("schema registry http://r:1 unreachable")
+    unavailable.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    crashed = ServiceCrashedError("service 'bridge-uplink' crashed")
+    crashed.__cause__ = unavailable
+    with (
+        pytest.raises(RegistryUnavailableError) as caught,
+        reachable(tmp_path, mqtt=("127.0.0.1", 1), registry=True),
+    ):
+        raise crashed
+    assert "schema registry http://r:1 unreachable" in str(caught.value)
+    assert "`edgeloop infra up`" in str(caught.value)
+    assert "MQTT" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "args", [("edge", "run", "--device-id", "pi-4"), ("edge", "simulate", "-n", "2")], ids=" ".join
+)
+def test_edge_without_release_public_key_names_keys_init(
+    tmp_path: Path, port: int, args: tuple[str, ...]
+) -> None:
+    """Devices used to start and then crash, `edge simulate` with one ArtifactError per
+    device in an ExceptionGroup, instead of saying the key is missing before start-up."""
+    pki = tmp_path / "pki"
+    enrolled = _edgeloop(tmp_path, port, "edge", "enroll", "pi-4", pki_dir=pki)
+    assert enrolled.returncode == 0, enrolled.stderr
+    line = _error_line(_edgeloop(tmp_path, port, *args, pki_dir=pki))
+    assert str(tmp_path / "keys" / "release.pub") in line, line
+    assert "`edgeloop keys init`" in line, line
+    assert "--pubkey" in line, line
