@@ -163,6 +163,29 @@ def _checked(field: str, value: str) -> str:
     return value
 
 
+def _only_mqtt(exc: BaseException) -> aiomqtt.MqttError | None:
+    """The MQTT error `exc` is, or the first of its group when the group holds nothing
+    else (the TaskGroup's tasks failed only on the connection); otherwise None."""
+    if isinstance(exc, aiomqtt.MqttError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        match, rest = exc.split(aiomqtt.MqttError)
+        if match is not None and rest is None:
+            leaves = _leaves(match)
+            return leaves[0] if leaves else None
+    return None
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[aiomqtt.MqttError]:
+    out: list[aiomqtt.MqttError] = []
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            out.extend(_leaves(e))
+        elif isinstance(e, aiomqtt.MqttError):
+            out.append(e)
+    return out
+
+
 class Downlink:
     name = "bridge-downlink"
 
@@ -186,21 +209,29 @@ class Downlink:
         self.ready = asyncio.Event()  # set once the fleet state is caught up
         self.dead_letters = DeadLetters(registry, "bridge-downlink", settings.dlq_payload_bytes)
         self._backoff = Backoff(initial_s=0.2, max_s=settings.retry_backoff_max_s)
+        self._connected_once = False  # a connection lost after this is waited out
 
     async def run(self) -> None:
-        """Run until cancelled. A lost MQTT connection (a broker restart, a network cut)
-        ends the cycle, not the bridge: reconnect with backoff, re-read the fleet state and
-        go on from the group's committed offsets. The batch in hand when the connection
-        dropped was never committed, so its records are published again (a threshold or
-        release is idempotent on a device by its version), never skipped.
+        """Run until cancelled. A broker that refuses the very first connection fails the
+        service (a wrong address should be said, not retried in silence). After that, a lost
+        MQTT connection (a broker restart, a network cut) ends the cycle, not the bridge:
+        reconnect with backoff, re-read the fleet state and go on from the group's committed
+        offsets. The batch in hand when the connection dropped was never committed, so its
+        records are published again (a threshold or release is idempotent on a device by
+        its version), never skipped.
         """
         attempt = 0
         while True:
-            lost: aiomqtt.MqttError | None = None
             try:
                 await self._cycle()
-            except* aiomqtt.MqttError as group:
-                lost = group.exceptions[0]  # type: ignore[assignment]
+            except (aiomqtt.MqttError, ExceptionGroup) as exc:
+                lost = _only_mqtt(exc)
+                if lost is None:
+                    raise  # something besides the connection failed: not ours to retry
+                if not self._connected_once:
+                    # Never connected: a wrong address or no broker at all. Failing at
+                    # start lets `edgeloop bridge` name the address and the fix.
+                    raise lost from None
             if self.ready.is_set():
                 attempt = 0  # the last cycle got going: start the backoff again
             self.ready.clear()
@@ -232,6 +263,7 @@ class Downlink:
             ) as client,
             asyncio.TaskGroup() as tg,
         ):
+            self._connected_once = True
             tg.create_task(self._follow_state(client))
             await self.ready.wait()
             tg.create_task(self._drive(client))
