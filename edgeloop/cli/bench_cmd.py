@@ -18,6 +18,7 @@ SUITES: dict[str, str] = {
     "edge": "edgeloop.bench.edge_bench",
     "teacher": "edgeloop.bench.teacher_bench",
     "agents": "edgeloop.bench.agents_bench",
+    "control": "edgeloop.bench.control_bench",
 }
 
 
