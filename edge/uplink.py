@@ -193,9 +193,14 @@ class MqttUplink:
             keepalive=cfg.keepalive_s,
             timeout=cfg.connect_timeout_s,
             max_inflight_messages=cfg.window,
-            # Larger than Receive Maximum: when its bounded queue is full aiomqtt 2.x
-            # discards an incoming message ("Message queue is full"), so it never may be.
-            max_queued_incoming_messages=RECEIVE_MAXIMUM * 4,
+            # Unbounded (0). aiomqtt 2.x acknowledges a QoS 1 message on arrival, before
+            # we handle it, so the broker's flow control (our Receive Maximum) does not
+            # hold the queue to any size: the broker keeps sending while a busy device
+            # handles slowly. A bounded queue then discarded messages the broker counted
+            # as delivered ("Message queue is full": 278 of a burst of 400 verdicts).
+            # Downlink traffic is bounded by the device itself: a verdict per offload it
+            # made, thresholds and releases by version.
+            max_queued_incoming_messages=0,
         )
 
     async def _session(self) -> None:
