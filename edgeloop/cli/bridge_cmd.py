@@ -25,7 +25,9 @@ def _default(name: str) -> str:
 @click.option(
     "--client-id",
     help="Stable MQTT client id of this process; each bridge process "
-    "needs its own. [env EDGELOOP_BRIDGE_CLIENT_ID]",
+    "needs its own. Its session (1 h) keeps its share of the shared subscription while it "
+    "is stopped: do not start a bridge with a throwaway id, and restart a stopped one "
+    "with the same id. [env EDGELOOP_BRIDGE_CLIENT_ID]",
     show_default=_default("client_id"),
 )
 @click.option(

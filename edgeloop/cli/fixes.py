@@ -85,14 +85,18 @@ def require_kafka_listening(bootstrap: str, home: Path, *, timeout_s: float = 2.
     )
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def _chain(exc: BaseException, seen: set[int] | None = None) -> Iterator[BaseException]:
     """`exc` and everything it was raised from or during (a service crash wraps the cause;
-    aiomqtt raises `from None`, which hides but keeps `__context__`)."""
-    seen: set[int] = set()
+    aiomqtt raises `from None`, which hides but keeps `__context__`), and the members of
+    every exception group on the way (a TaskGroup's tasks fail as one group)."""
+    seen = set() if seen is None else seen
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
+        if isinstance(current, BaseExceptionGroup):
+            for member in current.exceptions:
+                yield from _chain(member, seen)
         current = current.__cause__ or current.__context__
 
 
@@ -158,7 +162,8 @@ def _unreachable(
         if kafka_error is not None and isinstance(cause, kafka_error):
             hint = start_hint(home, "EDGELOOP_KAFKA_BOOTSTRAP")
             return EndpointUnreachableError(f"Kafka at {kafka} is not reachable; {hint}")
-        if mqtt is not None and isinstance(cause, ConnectionRefusedError):
+        # Refused, reset, or the paho intake's "did not accept the connection within 30 s".
+        if mqtt is not None and isinstance(cause, ConnectionError):
             hint = start_hint(home, "EDGELOOP_MQTT_HOST / EDGELOOP_MQTT_PORT")
             return EndpointUnreachableError(
                 f"MQTT broker at {mqtt[0]}:{mqtt[1]} is not reachable; {hint}"

@@ -192,6 +192,40 @@ def test_a_crash_is_blamed_on_the_endpoint_that_failed_first(tmp_path: Path) -> 
     assert "MQTT" not in str(caught.value)
 
 
+def test_a_crash_inside_a_task_group_is_still_named(tmp_path: Path) -> None:
+    """The bridge's downlink fails as a TaskGroup: Kafka's refusal sits inside an
+    ExceptionGroup, which the cause chain alone does not reach (a newcomer got
+    "crashed: ExceptionGroup(... KafkaConnectionError ...)" with no fix). The paho
+    intake's own "did not accept the connection within 30 s" is a plain ConnectionError."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from edgeloop.cli.fixes import reachable
+    from edgeloop.core.errors import EndpointUnreachableError, ServiceCrashedError
+
+    crashed = ServiceCrashedError("service 'bridge-downlink' crashed")
+    crashed.__cause__ = ExceptionGroup("unhandled errors in a TaskGroup", [
+        KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]")
+    ])  # fmt: skip
+    with (
+        pytest.raises(EndpointUnreachableError) as caught,
+        reachable(tmp_path, kafka="127.0.0.1:1", mqtt=("127.0.0.1", 2)),
+    ):
+        raise crashed
+    assert "Kafka at 127.0.0.1:1 is not reachable" in str(caught.value)
+    assert "`edgeloop infra up`" in str(caught.value)
+
+    timed_out = ServiceCrashedError("service 'bridge-uplink' crashed")
+    timed_out.__cause__ = ConnectionError(
+        "MQTT broker 127.0.0.1:2 did not accept the connection within 30 s"
+    )
+    with (
+        pytest.raises(EndpointUnreachableError) as caught,
+        reachable(tmp_path, kafka="127.0.0.1:1", mqtt=("127.0.0.1", 2)),
+    ):
+        raise timed_out
+    assert "MQTT broker at 127.0.0.1:2 is not reachable" in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "args", [("edge", "run", "--device-id", "pi-4"), ("edge", "simulate", "-n", "2")], ids=" ".join
 )
