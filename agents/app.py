@@ -265,6 +265,15 @@ def _faust_app(s: AgentsSettings, kafka: KafkaSettings) -> Any:
         producer_linger_ms=s.producer_linger_ms,
         producer_max_batch_size=s.producer_max_batch_bytes,
         consumer_auto_offset_reset="earliest",
+        # On a stop or a rebalance Faust 0.15.3 waits (`wait_empty`) until every event it
+        # handed to a stream is acknowledged. Events buffered in a `take_events` batch
+        # that is still filling are never acknowledged once the fetcher stopped (the
+        # batch waits for an event that no longer comes), so the wait lasted until the
+        # worker was killed (a 45 s stop in the demo, SIGKILL). Not waiting is safe here:
+        # nothing is committed past an unacknowledged event, every batch is fully handled
+        # before its events are acknowledged, and outputs derive their ids from inputs,
+        # so the events of an unfinished batch are redelivered and deduplicated.
+        stream_wait_empty=False,
     )
 
 

@@ -147,6 +147,7 @@ class EdgeDaemon:
         self._produced = 0  # InferenceEvents in the device's lifetime (persisted count)
         self._quarantined_at_boot = 0
         self._finished = False  # no more frames will be processed in this run
+        self._stop_taking = asyncio.Event()  # drain(): take no more frames from the source
 
     async def run(self) -> None:
         s = self.settings
@@ -288,9 +289,31 @@ class EdgeDaemon:
         limit = self.settings.max_events
         return limit is not None and self._produced >= limit
 
+    @property
+    def produced(self) -> int:
+        """InferenceEvents this device produced in its lifetime (the outbox's count)."""
+        return self._produced
+
+    async def drain(self) -> None:
+        """Take no more frames, finish the ones taken, and deliver the outbox.
+
+        Returns once every event is acknowledged by the broker (the runner calls it on
+        SIGINT/SIGTERM and bounds it by its shutdown deadline; whatever is not delivered
+        by then stays in the outbox on disk for the next start). A daemon that never got
+        as far as its outbox has nothing to deliver.
+        """
+        self._stop_taking.set()
+        if self.outbox is None:
+            return
+        outbox = self.outbox
+        while not (self._finished and outbox.depth == 0):  # noqa: ASYNC110 - as _watch_drained
+            await asyncio.sleep(0.1)
+
     async def _pump(self, queue: FrameQueue) -> None:
         try:
             async for frame in self.source.frames():
+                if self._stop_taking.is_set():
+                    break
                 queue.put(frame)
         finally:
             self.stats.source_done = True

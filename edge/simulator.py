@@ -177,6 +177,25 @@ class FleetSimulator:
         for imp in self.impairments:
             imp.partition_until = until
 
+    async def drain(self) -> None:
+        """Every device stops taking frames and delivers its outbox (`EdgeDaemon.drain`)."""
+        await asyncio.gather(*(d.drain() for d in self.daemons))
+
+    def summary(self) -> dict[str, dict[str, object]]:
+        """Per device: cohort, InferenceEvents produced in its lifetime, outbox depth left.
+
+        What a run's consumer checks delivery against: every produced event
+        (`<device>:<seq>`) should be in Kafka once the outbox depth is 0.
+        """
+        return {
+            d.settings.device_id: {
+                "cohort": d.settings.cohort,
+                "inference_events": d.produced,
+                "outbox_depth": d.outbox.depth if d.outbox is not None else None,
+            }
+            for d in self.daemons
+        }
+
     def totals(self) -> dict[str, int]:
         return {
             "frames": sum(d.stats.frames for d in self.daemons),

@@ -7,7 +7,7 @@ crash or OOM of training leaves the consumer alive to dead-letter the trigger. W
 `nproc > 1` the job itself launches torchrun (`run_training`).
 
 JOB.json: {"home", "private_key", "public_key", "request": RetrainRequest fields,
-"policy": {"max_clean_drop", "min_drift_gain"}}. OUT.json: retrain()'s report, written
+"policy": {"max_clean_drop", "min_drift_gain", "max_p99_ms"}}. OUT.json: retrain()'s report, written
 atomically once the run finished (released or refused).
 """
 
@@ -55,6 +55,7 @@ class RetrainJob:
 
 def run_job(job: RetrainJob) -> dict[str, Any]:
     from edgeloop.artifacts.signing import load_private_key, load_public_key
+    from edgeloop.trainer.budget import EdgeBudget
     from edgeloop.trainer.gate import GatePolicy
     from edgeloop.trainer.home import TrainerHome
     from edgeloop.trainer.retrain import RetrainRequest, retrain
@@ -69,6 +70,7 @@ def run_job(job: RetrainJob) -> dict[str, Any]:
         policy=GatePolicy(
             max_clean_drop=job.policy.get("max_clean_drop", GatePolicy.max_clean_drop),
             min_drift_gain=job.policy.get("min_drift_gain", GatePolicy.min_drift_gain),
+            budget=EdgeBudget(max_p99_ms=job.policy.get("max_p99_ms", EdgeBudget.max_p99_ms)),
         ),
     )
 

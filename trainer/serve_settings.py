@@ -46,6 +46,10 @@ class TrainerServeSettings(_Base):
     threads: int = Field(1, ge=1)
     gate_max_clean_drop: float = 0.02
     gate_min_drift_gain: float = 0.01
+    # The gate's latency bound (p99 of one inference, ms), measured on this host's CPU:
+    # the Pi 5 budget by default. A shared or loaded host (a demo running the whole loop
+    # on a laptop) measures its own contention; raise it there, never on a release host.
+    gate_max_p99_ms: float = Field(5.0, gt=0)
     # Memory bound of one trigger: its ranges may hold at most this many hard examples.
     max_hard_examples: int = Field(100_000, ge=1)
     range_read_timeout_s: float = Field(60.0, gt=0)

@@ -340,6 +340,7 @@ class TriggerConsumer:
             policy={
                 "max_clean_drop": s.gate_max_clean_drop,
                 "min_drift_gain": s.gate_min_drift_gain,
+                "max_p99_ms": s.gate_max_p99_ms,
             },
         )
         job_path, out_path, log_path = run / "job.json", run / "report.json", run / "job.log"

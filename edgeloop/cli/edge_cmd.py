@@ -7,6 +7,7 @@ development PKI (`edgeloop.infra.pki`, cryptography only) for device certificate
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from pathlib import Path
 from typing import Any
@@ -176,9 +177,20 @@ def run(*, device_id: str, cert: Path | None, key: Path | None, ca: Path | None,
 @click.option("--partition-at", type=float, default=None, help="Drop every connection at S s...")
 @click.option("--partition-for", type=float, default=10.0, show_default=True, help="...for S s.")
 @click.option("--latency-ms", type=float, default=0.0, show_default=True)
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+              help="On SIGINT/SIGTERM: seconds to stop taking frames and deliver every "
+                   "outbox before exiting (what is left stays on disk).")  # fmt: skip
+@click.option(
+    "--summary",
+    "summary_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="At exit, write per device: cohort, events produced, outbox depth (JSON).",
+)
 @_common
 def simulate(*, devices: int, prefix: str, cohorts: str, drift_schedule: tuple[str, ...],
              partition_at: float | None, partition_for: float, latency_ms: float,
+             drain_timeout: float, summary_path: Path | None,
              state_dir: Path | None, initial_model: Path | None, pubkey: Path | None,
              rate: float, max_events: int | None, metrics_port: int | None,
              **kw: Any) -> None:  # fmt: skip
@@ -231,12 +243,20 @@ def simulate(*, devices: int, prefix: str, cohorts: str, drift_schedule: tuple[s
         task=DigitsTask(), labels=labels, metrics=metrics,
     )  # fmt: skip
 
+    def write_summary() -> None:
+        # Only after a clean stop: a drain that overran its deadline ends the process
+        # (the runner's forced exit) without one, which a reader takes as "not drained".
+        if summary_path is not None:
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            summary_path.write_text(json.dumps(sim.summary(), indent=1, sort_keys=True))
+
     async def main() -> None:
         if metrics_port is None:
-            await run_services([sim])
-            return
-        async with serve_metrics(metrics.registry, port=metrics_port):
-            await run_services([sim])
+            await run_services([sim], shutdown_timeout_s=drain_timeout)
+        else:
+            async with serve_metrics(metrics.registry, port=metrics_port):
+                await run_services([sim], shutdown_timeout_s=drain_timeout)
+        write_summary()
 
     asyncio.run(main())
     click.echo(f"simulated {devices} devices: {sim.totals()}")
