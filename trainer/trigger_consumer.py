@@ -41,7 +41,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from edgeloop.artifacts.manifest import MANIFEST_NAME, Manifest, sha256_file
+from edgeloop.artifacts.manifest import MANIFEST_NAME, Manifest
 from edgeloop.artifacts.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 from edgeloop.core.errors import ConfigError, DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
@@ -65,6 +65,7 @@ from edgeloop.trainer.home import TrainerHome
 from edgeloop.trainer.release_events import (
     EventPublisher,
     ReleaseFacts,
+    artifact_location,
     dead_letter_record,
     release_record,
 )
@@ -395,12 +396,7 @@ class TriggerConsumer:
         )
 
     def _artifact(self, model: str, version: int) -> tuple[str, str, str]:
-        folder = self.home.root / "store" / model / str(version)
-        manifest_path = folder / MANIFEST_NAME
-        manifest = Manifest.from_bytes(manifest_path.read_bytes())
-        base = self.settings.artifact_base_url
-        url = f"{base.rstrip('/')}/{model}/{version}/" if base else folder.resolve().as_uri() + "/"
-        return url, sha256_file(manifest_path), manifest.target
+        return artifact_location(self.home, model, version, self.settings.artifact_base_url)
 
     async def _publish_release(self, publisher: EventPublisher, facts: ReleaseFacts) -> None:
         cohort = self.settings.canary_cohort
