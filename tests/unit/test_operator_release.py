@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -200,22 +201,40 @@ def test_tampered_or_foreign_artifacts_are_refused_even_with_override(
         h.plan("full", "north", version=4, override_gate="x")
 
 
-def test_cli_rule_error_is_one_line_and_publishes_nothing(h: Home, tmp_path: Path) -> None:
-    """Through the real entry point: exit 1, one `error:` line, no traceback; Kafka is a
-    closed port, so reaching it would have shown as a different error."""
-    h.add(2, None)
+def _cli(h: Home, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real entry point, Kafka and the registry at a closed loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_")}
     env.update(EDGELOOP_HOME=str(tmp_path / "home"), EDGELOOP_TRAINER_HOME=str(h.home.root),
                EDGELOOP_TRAINER_KEYS_DIR=str(h.pub_path.parent),
-               EDGELOOP_KAFKA_BOOTSTRAP="127.0.0.1:9",
-               EDGELOOP_REGISTRY_URL="http://127.0.0.1:9")  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "edgeloop", "models", "release", "--model", MODEL,
-         "--stage", "canary", "--cohort", "north", "--parent-version", "1"],
+               EDGELOOP_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}",
+               EDGELOOP_REGISTRY_URL=f"http://127.0.0.1:{port}")  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "edgeloop", "models", "release", "--model", MODEL, *args],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
+
+
+def _error_line(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "--version 2: no gate passed" in errors[0], done.stderr
+    assert len(errors) == 1, done.stderr
     assert done.stdout == ""
+    return errors[0]
+
+
+def test_cli_rule_error_is_one_line_before_any_connection(h: Home, tmp_path: Path) -> None:
+    """Exit 1, one `error:` line, no traceback; Kafka is a closed port, so reaching for it
+    would have shown as the unreachable error instead."""
+    h.add(2, None)
+    line = _error_line(_cli(h, tmp_path, "--stage", "canary", "--cohort", "north",
+                            "--parent-version", "1"))  # fmt: skip
+    assert "--version 2: no gate passed" in line, line
+
+
+def test_cli_unreachable_kafka_names_the_fix(h: Home, tmp_path: Path) -> None:
+    line = _error_line(_cli(h, tmp_path, "--stage", "full", "--cohort", "north"))
+    assert "is not reachable" in line and "`edgeloop infra up`" in line, line
