@@ -25,7 +25,7 @@ from edgeloop.core.settings import edgeloop_home
 
 @click.group()
 def models() -> None:
-    """Build, sign and verify model artifacts."""
+    """Build, sign, verify and release model artifacts."""
 
 
 @models.command()
