@@ -100,6 +100,7 @@ class CohortView:
     release_stage: str | None  # newest judge/release step for the cohort ("CANARY v2")
     offloads: int = 0  # cumulative OFFLOAD decisions
     audits: int = 0  # cumulative AUDIT decisions
+    correct: int = 0  # cumulative correct predictions (of `frames`)
 
 
 @dataclass
@@ -213,6 +214,12 @@ class Observer:
         None when there is no such sample."""
         return scrape.total(self._merged, metric, **labels)
 
+    def histogram(self, metric: str) -> dict[float, float]:
+        """The newest scrape's cumulative buckets of histogram `metric` (a family name,
+        e.g. `edgeloop_edge_publish_latency_seconds`), summed over every label set and
+        target: upper bound (s) -> observations at or below it, since each process began."""
+        return scrape.buckets(self._merged, metric)
+
     def series(self, cohort: str, field: str) -> list[tuple[float, float]]:
         """(t_s, value) of one numeric `CohortView` field over the frames; None skipped."""
         out: list[tuple[float, float]] = []
@@ -320,6 +327,11 @@ class Observer:
             if r + w > 0:
                 by_version[v] = r / (r + w)
         frames = sum(val for k, val in snap.counters.items() if k[0] == "pred" and k[1] == cohort)
+        correct = sum(
+            val
+            for k, val in snap.counters.items()
+            if k[0] == "pred" and k[1] == cohort and k[3] == "true"
+        )
         served: dict[int, int] = {}
         for lab, val in self._merged.get("edgeloop_edge_applied_version", ()):
             if lab.get("cohort") == cohort and lab.get("kind") == "model" and val > 0:
@@ -340,6 +352,7 @@ class Observer:
             release_stage=self._release_stage.get(cohort),
             offloads=int(snap.counters.get(("dec", cohort, "OFFLOAD"), 0.0)),
             audits=int(snap.counters.get(("dec", cohort, "AUDIT"), 0.0)),
+            correct=int(correct),
         )
 
     def _update_releases(self) -> None:

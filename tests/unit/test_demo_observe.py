@@ -112,6 +112,7 @@ async def test_rolling_accuracy_rates_versions_and_a_dead_target(
     assert a.release_stage == "CANARY v2"  # the gauge that changed is the newest step
     assert a.offload_rate_per_s == pytest.approx(2.0)
     assert a.offloads == 20
+    assert (a.frames, a.correct) == (30, 18)
     assert third.events_per_s["device"] == pytest.approx(10.0)
     assert third.events_per_s["bridge"] == pytest.approx(10.0)
     assert 2.0 < third.latency_p99_ms["device_to_broker"] <= 5.0
