@@ -61,7 +61,7 @@ def scripted_run() -> Observer:
                 uplink_bytes=1000.0 * t,
                 hard_examples_total=2.0 * t,
                 budget_per_s=2.0,
-            )  # fmt: skip
+            )
         )
     obs.marks += [
         Mark(0.0, "phase", "steady"),
@@ -106,8 +106,8 @@ async def test_report_directory_holds_every_file_and_figure(tmp_path: Path) -> N
                     "reason": {"step": "full"}}],
         )
     ]  # fmt: skip
-    scenario = {"drifted": "drifted", "drift_at_s": 20.0, "devices": 6,
-                "notes": ["v3 went out with the operator override `--skip-gate` (logged)"]}  # fmt: skip
+    note = "v3 went out with the operator override `--skip-gate` (logged)"
+    scenario = {"drifted": "drifted", "drift_at_s": 20.0, "devices": 6, "notes": [note]}
     out = tmp_path / "report"
     written = await write_report(out, obs, scenario=scenario, lineage=lineage,
                                  extra={"events_delivered": 1234})  # fmt: skip
