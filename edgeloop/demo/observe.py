@@ -31,6 +31,10 @@ What each figure is made of (the services' own metrics; nothing here reads Kafka
   leaves out the broker's hop to the bridge), `offload_to_verdict` =
   `edgeloop_edge_verdict_latency_seconds` (measured on the device: offload stored ->
   verdict back), `teacher` = `edgeloop_agents_teacher_latency_seconds`.
+- the control plane's gauges are set only by the agents worker that holds the control log
+  (the others export the unlabelled ones at 0, and a worker that held it before a
+  failover keeps its last values): they are read from the one target with the highest
+  threshold versions, never summed over workers.
 - training: `edgeloop_trainer_training_in_progress`, `..._training_epoch`,
   `..._training_epochs` and `..._training_trigger{trigger_id}`.
 """
@@ -158,6 +162,7 @@ class Observer:
         self._history: deque[_Snapshot] = deque()
         self._release_seen: dict[tuple[str, str, str], float] = {}
         self._release_stage: dict[str, str] = {}
+        self._ctl: Samples = {}  # the control-log holder's newest samples
 
     def now_s(self) -> float:
         """Seconds since the observer started (the frames' and marks' time axis)."""
@@ -283,9 +288,10 @@ class Observer:
 
         seen = {k[1] for k in snap.counters if k[0] in ("pred", "dec")}
         cohorts = self.cohorts + sorted(seen - set(self.cohorts))
+        self._ctl = self._control_holder()
         self._update_releases()
-        budget = self.value("edgeloop_control_budget_per_s")
-        hard_now = self.value("edgeloop_control_hard_examples_since_trigger")
+        budget = scrape.total(self._ctl, "edgeloop_control_budget_per_s")
+        hard_now = scrape.total(self._ctl, "edgeloop_control_hard_examples_since_trigger")
         views = {
             c: self._cohort(
                 c, snap=snap, base=base, delta=delta, rate=rate, budget=budget, hard_now=hard_now
@@ -336,7 +342,7 @@ class Observer:
         for lab, val in self._merged.get("edgeloop_edge_applied_version", ()):
             if lab.get("cohort") == cohort and lab.get("kind") == "model" and val > 0:
                 served[int(val)] = served.get(int(val), 0) + 1
-        tau_version = self.value("edgeloop_control_threshold_version", cohort=cohort)
+        tau_version = scrape.total(self._ctl, "edgeloop_control_threshold_version", cohort=cohort)
         return CohortView(
             cohort=cohort,
             accuracy=right / (right + wrong) if right + wrong > 0 else None,
@@ -345,7 +351,7 @@ class Observer:
             offload_rate_per_s=rate(("dec", cohort, "OFFLOAD")),
             audit_rate_per_s=rate(("dec", cohort, "AUDIT")),
             budget_per_s=budget,
-            tau=self.value("edgeloop_control_tau", cohort=cohort),
+            tau=scrape.total(self._ctl, "edgeloop_control_tau", cohort=cohort),
             tau_version=int(tau_version) if tau_version is not None else None,
             hard_examples=int(hard_now) if hard_now is not None else None,
             model_versions=dict(sorted(served.items())),
@@ -355,10 +361,24 @@ class Observer:
             correct=int(correct),
         )
 
+    def _control_holder(self) -> Samples:
+        """The samples of the target whose controller is furthest along (the highest sum
+        of threshold versions): the worker holding the control log."""
+        with_control = [
+            (v, samples)
+            for samples in self._latest.values()
+            if (v := scrape.total(samples, "edgeloop_control_threshold_version")) is not None
+            or "edgeloop_control_budget_per_s" in samples
+        ]
+        if not with_control:
+            return {}
+        return max(with_control, key=lambda pair: pair[0] or 0.0)[1]
+
     def _update_releases(self) -> None:
         changed: dict[str, tuple[float, int, str]] = {}
         for name in RELEASE_GAUGES:
-            for lab, val in self._merged.get(name, ()):
+            source = self._ctl if name.startswith("edgeloop_control_") else self._merged
+            for lab, val in source.get(name, ()):
                 key = (name, lab.get("cohort", ""), lab.get("stage", ""))
                 if self._release_seen.get(key) == val:
                     continue

@@ -156,3 +156,24 @@ def test_quantile_interpolates_inside_the_bucket() -> None:
     assert quantile(0.99, {0.001: 0.0, float("inf"): 0.0}) is None
     # Beyond the last finite bound: the histogram knows no more than that bound.
     assert quantile(0.99, {0.001: 0.0, float("inf"): 10.0}) == 0.001
+
+
+async def test_control_gauges_come_from_the_worker_holding_the_control_log() -> None:
+    holder, stale = Control(), Control()
+    holder.tau.labels("a").set(0.6)
+    holder.version.labels("a").set(5)
+    holder.budget.set(5.0)
+    # The worker that held the control log before a failover keeps its last values.
+    stale.tau.labels("a").set(0.9)
+    stale.version.labels("a").set(2)
+    stale.budget.set(3.0)
+    async with AsyncExitStack() as es:
+        targets = [
+            Target(
+                name, f"http://127.0.0.1:{await es.enter_async_context(serve_metrics(r))}/metrics"
+            )
+            for name, r in (("agents-1", stale.registry), ("agents-2", holder.registry))
+        ]
+        frame = await Observer(targets, ["a"]).poll("steady")
+    a = frame.cohorts["a"]
+    assert (a.tau, a.tau_version, a.budget_per_s, frame.budget_per_s) == (0.6, 5, 5.0, 5.0)
