@@ -10,7 +10,7 @@ Quantiles come from histogram bucket deltas with linear interpolation inside the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,7 +19,25 @@ Labels = tuple[tuple[str, str], ...]
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
-def parse(text: str) -> Samples:
+def drop_families(text: str, families: Collection[str]) -> str:
+    """`text` without the lines (samples, HELP and TYPE) of `families`.
+
+    prometheus_client's parser is pure Python: a simulated fleet's per-device histograms
+    are thousands of lines that took it over a second per scrape on a loaded 2-core
+    machine. Lines are dropped by their metric name's prefix before it sees them.
+    """
+    if not families:
+        return text
+    prefixes = tuple(families)
+    comments = tuple(f"# {kind} {f}" for kind in ("HELP", "TYPE") for f in families)
+    return "\n".join(
+        line
+        for line in text.split("\n")
+        if not (line.startswith(prefixes) or line.startswith(comments))
+    )
+
+
+def parse(text: str, *, skip: Collection[str] = ()) -> Samples:
     """Parse Prometheus text exposition into samples by sample name.
 
     Sample names are the exposed ones (`foo_total`, `foo_bucket`, `foo_count`), not the
@@ -27,6 +45,7 @@ def parse(text: str) -> Samples:
 
     Args:
         text: a `/metrics` body.
+        skip: metric families (name prefixes) left out before parsing.
 
     Returns:
         Every sample, grouped by its name.
@@ -35,7 +54,7 @@ def parse(text: str) -> Samples:
         ValueError: the text is not in the Prometheus text format.
     """
     out: Samples = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(drop_families(text, skip)):
         for s in family.samples:
             out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
     return out

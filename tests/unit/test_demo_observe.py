@@ -130,6 +130,12 @@ async def test_rolling_accuracy_rates_versions_and_a_dead_target(
     assert [t for t, _ in obs.series("a", "frames")] == [0.0, 10.0, 20.0]
     m = obs.mark("release", "CANARY v2")
     assert m.t_s == 20.0 and obs.marks == [m]
+    # The per-frame stage histograms are left out before parsing (the fleet's largest
+    # family); the decisions counter, whose name shares their prefix, is kept.
+    edge.latency.labels("dev-1", "total").observe(0.001)
+    await obs.poll("canary")
+    assert obs.value("edgeloop_edge_decision_latency_seconds_count") is None
+    assert obs.value("edgeloop_edge_decisions_total", decision="OFFLOAD") == 20
 
 
 async def test_a_restarted_fleet_is_a_counter_reset_not_a_negative_rate(
