@@ -55,6 +55,7 @@ class ReleaseFacts:
     offset_ranges: dict[str, list[int]]
     scores: dict[str, Any]
     refused: tuple[str, ...]
+    training_run: str | None = None  # the retrain's run dir (where its report and log are)
 
     @property
     def released(self) -> bool:
@@ -92,6 +93,8 @@ def release_record(facts: ReleaseFacts, cohort: str, share: float) -> dict[str, 
         "scores": facts.scores,
         "refused": list(facts.refused),
     }
+    if facts.training_run is not None:
+        reason["training_run"] = facts.training_run
     return {
         "event_id": release_event_id(facts.trigger_id),
         "ts": now_us(),
