@@ -52,7 +52,10 @@ from tests.integration.test_edge_daemon import EdgeModels, edge_models
 pytestmark = pytest.mark.integration
 __all__ = ["edge_models", "workers"]
 
-# Deadline for the series to appear: generous for 2 busy cores, never a timing assertion.
+# Deadlines, generous for 2 busy cores, never timing assertions: until every service
+# answers and the fleet's events reach the broker (each process imports, connects and
+# loads models first), then for every series to appear.
+START_S = 180.0
 WAIT_S = 90.0
 
 
@@ -174,19 +177,19 @@ async def test_every_metric_the_dashboard_queries_is_exported(
          "EDGELOOP_EDGE_RECONNECT_MAX_S": "1"},
     )  # fmt: skip
     commands = [trainer, sim]
+    ports = {"bridge": bridge_port, "agents": worker.port, "train serve": trainer.port,
+             "edge simulate": sim.port}  # fmt: skip
+    exported: dict[str, set[str]] = {}
+    missing: list[tuple[str, str]] = []
     try:
         shutil.copytree(edge_models.store.parent, trainer_home)
         trainer.start()
+        sim.start()  # its devices keep what they publish before the bridge subscribes
         await asyncio.gather(worker.ready(), bridge.subscribed())
-        sim.start()
         await _provoke_dead_letters(infra_stack, prefix, triggers)
-
-        ports = {"bridge": bridge_port, "agents": worker.port, "train serve": trainer.port,
-                 "edge simulate": sim.port}  # fmt: skip
         dashboard = load_dashboard()
-        exported: dict[str, set[str]] = {}
-        missing: list[tuple[str, str]] = []
-        deadline = time.monotonic() + WAIT_S
+        deadline = time.monotonic() + START_S
+        flowing = False
         while time.monotonic() < deadline:
             for cmd in commands:
                 cmd.alive()
@@ -194,6 +197,9 @@ async def test_every_metric_the_dashboard_queries_is_exported(
                 got = await asyncio.to_thread(scrape, port)
                 if got is not None:
                     exported[name] = got
+            if not flowing and "edgeloop_edge_published_total" in exported.get("edge simulate", ()):
+                flowing = True
+                deadline = time.monotonic() + WAIT_S
             missing = unknown_metrics(dashboard, set().union(*exported.values()))
             if not missing and len(exported) == len(ports):
                 break
@@ -202,6 +208,7 @@ async def test_every_metric_the_dashboard_queries_is_exported(
         for cmd in commands:
             cmd.stop()
     assert set(exported) == set(ports), f"no /metrics from {set(ports) - set(exported)}"
+    assert "edgeloop_edge_published_total" in exported["edge simulate"], "the fleet never published"
     assert not missing, "series the dashboard queries that no running service exports:\n" + (
         "\n".join(f"  panel {panel!r}: {metric}" for panel, metric in missing)
     )
