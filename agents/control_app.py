@@ -127,6 +127,11 @@ class ControlMetrics:
                     self.budget.set(budget)
             elif topic == RELEASES_TOPIC:
                 self.release.labels(rec["cohort"], rec["stage"]).set(rec["model_version"])
+        # The FULL release each cohort runs, also when an operator published it (the
+        # bootstrap model's) and the judge has taken no step yet: without it a release
+        # panel stays empty until the first rollout completes.
+        for cohort, rel in state.full.items():
+            self.release.labels(cohort, "FULL").set(rel["model_version"])
         self.hard.set(state.triggers.uncovered if state.triggers is not None else 0)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from edgeloop.core.logs import get_logger
@@ -69,7 +70,9 @@ class ThresholdGate:
         # Persist first: what is reported as applied must survive a reboot.
         self.state.update(threshold=applied)
         self.on_apply(applied)
-        self.metrics.applied_version.labels(self.device_id, "threshold").set(applied.version)
+        self.metrics.applied_version.labels(self.device_id, self.cohort, "threshold").set(
+            applied.version
+        )
         log.info(
             "threshold applied",
             extra={"device": self.device_id, "version": applied.version, "tau": applied.tau},
@@ -89,7 +92,13 @@ class VerdictCounter:
         self.unmatched = 0
 
     def handle(self, verdict: CloudVerdict) -> str:
-        prediction = self.pending.pop(verdict["request_event_id"])
+        taken = self.pending.take(verdict["request_event_id"])
+        prediction = None if taken is None else taken[0]
+        if taken is not None and taken[1] is not None:
+            # The device's own round trip: offload stored -> verdict back (the demo's
+            # "offload -> verdict" latency, outbox wait and both MQTT legs included).
+            latency = time.monotonic() - taken[1]
+            self.metrics.verdict_latency.labels(self.device_id).observe(latency)
         if prediction is None:
             self.unmatched += 1
             outcome = "unmatched"

@@ -203,7 +203,7 @@ class EdgeDaemon:
         )
         model = await loop.run_in_executor(self.executor, updater.boot, s.initial_model)
         th = state.current.threshold
-        self.metrics.applied_version.labels(s.device_id, "threshold").set(th.version)
+        self.metrics.applied_version.labels(s.device_id, s.cohort, "threshold").set(th.version)
         policy = OffloadPolicy(
             ByteBudget(s.offload_bytes_per_s, s.offload_burst_bytes, time.monotonic()), self.rng
         )

@@ -1,7 +1,9 @@
 """Prometheus metrics of the edge daemon (names `edgeloop_edge_*`).
 
-One registry per process; the simulator runs many devices in one process, so every
-collector carries a `device` label.
+One registry per process; the simulator runs many devices in one process, so the
+per-device collectors carry a `device` label. The ground-truth counter
+(`edgeloop_edge_predictions_total`) is per cohort and model version only: a simulator
+knows every frame's label, and the demo's accuracy per cohort needs no per-device series.
 """
 
 from __future__ import annotations
@@ -27,9 +29,18 @@ class EdgeMetrics:
             registry=r,
         )
         self.decisions = Counter(
-            "edgeloop_edge_decisions_total", "Frames decided, by decision", [*d, "decision"],
+            "edgeloop_edge_decisions_total",
+            "Frames decided, by cohort and decision (LOCAL, OFFLOAD, AUDIT)",
+            [*d, "cohort", "decision"],
             registry=r,
-        )  # fmt: skip
+        )
+        self.predictions = Counter(
+            "edgeloop_edge_predictions_total",
+            "Frames whose true label the source knows (simulators), by cohort, serving model "
+            "version and whether the edge prediction was correct (true, false)",
+            ["cohort", "model_version", "correct"],
+            registry=r,
+        )
         self.over_budget = Counter(
             "edgeloop_edge_offload_over_budget_total",
             "Offloads or audits acted on locally because the byte budget was spent",
@@ -103,9 +114,11 @@ class EdgeMetrics:
             registry=r,
         )  # fmt: skip
         self.applied_version = Gauge(
-            "edgeloop_edge_applied_version", "Applied version by kind (model, threshold)",
-            [*d, "kind"], registry=r,
-        )  # fmt: skip
+            "edgeloop_edge_applied_version",
+            "Applied version by kind (model: the version serving frames; threshold)",
+            [*d, "cohort", "kind"],
+            registry=r,
+        )
         self.updates = Counter(
             "edgeloop_edge_updates_total",
             "Downlink updates by kind and outcome (applied, stale, refused:<reason>, ...)",
@@ -116,5 +129,12 @@ class EdgeMetrics:
             "edgeloop_edge_verdicts_total",
             "Cloud verdicts on offloads: agree, disagree, unmatched",
             [*d, "outcome"],
+            registry=r,
+        )
+        self.verdict_latency = Histogram(
+            "edgeloop_edge_verdict_latency_seconds",
+            "From an offload request's creation to its CloudVerdict arriving on the device",
+            d,
+            buckets=_PUBLISH_BUCKETS,
             registry=r,
         )

@@ -59,22 +59,28 @@ class Outcome:
 
 
 class PendingVerdicts:
-    """Offloads waiting for a CloudVerdict: event id -> edge prediction, oldest forgotten."""
+    """Offloads waiting for a CloudVerdict: event id -> (edge prediction, when it was
+    offloaded on the monotonic clock), oldest forgotten."""
 
     def __init__(self, capacity: int) -> None:
-        self._items: OrderedDict[str, int] = OrderedDict()
+        self._items: OrderedDict[str, tuple[int, float | None]] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
         self.forgotten = 0
 
-    def add(self, event_id: str, prediction: int) -> None:
+    def add(self, event_id: str, prediction: int, sent_at: float | None = None) -> None:
         with self._lock:
-            self._items[event_id] = prediction
+            self._items[event_id] = (prediction, sent_at)
             while len(self._items) > self._capacity:
                 self._items.popitem(last=False)
                 self.forgotten += 1
 
     def pop(self, event_id: str) -> int | None:
+        taken = self.take(event_id)
+        return None if taken is None else taken[0]
+
+    def take(self, event_id: str) -> tuple[int, float | None] | None:
+        """The pending offload's (prediction, sent_at), removed; None when unknown."""
         with self._lock:
             return self._items.pop(event_id, None)
 
@@ -184,7 +190,7 @@ class Pipeline:
                 created_us=ts,
             )
             if off.stored:
-                self.pending.add(f"{self.device_id}:{off.seq}", prediction)
+                self.pending.add(f"{self.device_id}:{off.seq}", prediction, time.monotonic())
                 self._metrics.offload_bytes.labels(self.device_id).inc(len(payload))
             unstored += 1 if off.error is not None else 0
         elif verdict.wanted != "LOCAL":
@@ -194,7 +200,12 @@ class Pipeline:
         self._m_inf.observe((t2 - t1) / 1e9)
         self._m_dec.observe((t3 - t2) / 1e9)
         self._m_total.observe((t4 - t0) / 1e9)
-        self._metrics.decisions.labels(self.device_id, verdict.decision).inc()
+        self._metrics.decisions.labels(self.device_id, self.cohort, verdict.decision).inc()
+        if frame.label is not None:
+            # Ground truth, known only to simulators: the demo's accuracy per cohort and
+            # serving version is measured here, never inferred from the events.
+            correct = "true" if prediction == frame.label else "false"
+            self._metrics.predictions.labels(self.cohort, str(model.version), correct).inc()
         return Outcome(
             done.seq,
             verdict.decision,

@@ -112,7 +112,9 @@ class ModelUpdater:
         self.model = load_model(current, manifest, self.session, self.example)
         if self.state.current.model_version != manifest.version:
             self.state.update(model_version=manifest.version)
-        self.metrics.applied_version.labels(self.device_id, "model").set(manifest.version)
+        self.metrics.applied_version.labels(self.device_id, self.cohort, "model").set(
+            manifest.version
+        )
         return self.model
 
     # -- releases -------------------------------------------------------------------------
@@ -209,7 +211,9 @@ class ModelUpdater:
         await asyncio.to_thread(
             self.state.update, model_version=manifest.version, last_refusal=None
         )
-        self.metrics.applied_version.labels(self.device_id, "model").set(manifest.version)
+        self.metrics.applied_version.labels(self.device_id, self.cohort, "model").set(
+            manifest.version
+        )
         log.info(
             "model rolled back" if decision.rollback else "model swapped",
             extra={"device": self.device_id, "model": manifest.model_name, "from": running,

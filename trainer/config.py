@@ -40,6 +40,9 @@ class TrainConfig:
     # Keep only the base data a retrain needs: a fraction of the clean train set (replay).
     replay_fraction: float = 1.0
     checkpoint_every: int = 5
+    # Rank 0 rewrites this JSON file ({"epoch": done, "epochs": total}) after every epoch,
+    # so whoever launched the run can show its progress (`train serve`'s gauges); "" = none.
+    progress_path: str = ""
 
     def __post_init__(self) -> None:
         checks = {

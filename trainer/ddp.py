@@ -174,6 +174,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}, tmp
             )
             tmp.replace(ckpt_path)  # atomic: a crash mid-write keeps the previous checkpoint
+        if rank == 0 and cfg.progress_path:
+            _write_progress(Path(cfg.progress_path), epoch + 1, cfg.epochs)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
@@ -194,6 +196,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _write_progress(path: Path, done: int, total: int) -> None:
+    """Epochs done, for the launcher's progress display; a reader sees a whole file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"epoch": done, "epochs": total}))
+    tmp.replace(path)
 
 
 def _finish(model: nn.Module, out: Path, result: dict[str, Any]) -> None:

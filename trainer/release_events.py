@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import RecordMetadata
 
+from edgeloop.artifacts.manifest import MANIFEST_NAME, Manifest, sha256_file
 from edgeloop.schemas import catalog
 from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import ConfluentCodec
 from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.schemas.topics import subject_for
+from edgeloop.trainer.home import TrainerHome
 
 _RELEASE_NS = uuid.UUID("6f1d7d0e-3f7a-4c35-9a55-6a0b5f3a9d01")
 STAGE = "trainer-trigger-consumer"
@@ -52,6 +55,7 @@ class ReleaseFacts:
     offset_ranges: dict[str, list[int]]
     scores: dict[str, Any]
     refused: tuple[str, ...]
+    training_run: str | None = None  # the retrain's run dir (where its report and log are)
 
     @property
     def released(self) -> bool:
@@ -89,6 +93,8 @@ def release_record(facts: ReleaseFacts, cohort: str, share: float) -> dict[str, 
         "scores": facts.scores,
         "refused": list(facts.refused),
     }
+    if facts.training_run is not None:
+        reason["training_run"] = facts.training_run
     return {
         "event_id": release_event_id(facts.trigger_id),
         "ts": now_us(),
@@ -105,6 +111,36 @@ def release_record(facts: ReleaseFacts, cohort: str, share: float) -> dict[str, 
         # A REFUSED record installs nothing; 1.0 is the schema's "every device" default.
         "share": 1.0 if facts.refused else share,
     }
+
+
+def artifact_location(
+    home: TrainerHome, model: str, version: int, base_url: str | None
+) -> tuple[str, str, str]:
+    """Where devices download a stored version, and what its release record names.
+
+    Args:
+        home: the trainer home; the version lives in `<home>/store/<model>/<version>/`.
+        model: the model name.
+        version: the stored version.
+        base_url: where the store is served (`artifact_base_url`); None gives the folder's
+            file:// URL (one host, tests).
+
+    Returns:
+        (artifact_url ending in "/", sha256 of the manifest file, the manifest's target).
+
+    Raises:
+        OSError: the version's manifest is not in the store.
+        VerificationError: the manifest is not a valid edgeloop manifest.
+    """
+    folder = home.root / "store" / model / str(version)
+    manifest_path = folder / MANIFEST_NAME
+    manifest = Manifest.from_bytes(manifest_path.read_bytes())
+    url = (
+        f"{base_url.rstrip('/')}/{model}/{version}/"
+        if base_url
+        else folder.resolve().as_uri() + "/"
+    )
+    return url, sha256_file(manifest_path), manifest.target
 
 
 def dead_letter_record(
@@ -148,11 +184,16 @@ class EventPublisher:
         key: str | None,
         record: dict[str, Any],
         headers: list[tuple[str, bytes]] | None = None,
-    ) -> None:
-        """Returns once Kafka acknowledged the record (acks=all on the producer)."""
+    ) -> RecordMetadata:
+        """Returns once Kafka acknowledged the record (acks=all on the producer).
+
+        Returns:
+            Kafka's acknowledgement: the record's topic, partition and offset.
+        """
         schema = catalog.get(event)
         value = self._codec.encode(await self._schema_id(topic, schema), schema, record)
         fut = await self._producer.send(
             topic, value, key=key.encode() if key is not None else None, headers=headers or []
         )
-        await fut
+        metadata: RecordMetadata = await fut
+        return metadata

@@ -45,6 +45,7 @@ class RetrainRequest:
     replay_fraction: float = 1.0
     nproc: int = 1
     threads: int = 1
+    progress_path: str = ""  # epochs done, rewritten by the training (TrainConfig's)
 
 
 def retrain(
@@ -88,6 +89,7 @@ def retrain(
         init_checkpoint=str(home.checkpoint(STUDENT_MODEL, parent)),
         teacher_checkpoint=str(home.checkpoint(TEACHER_MODEL, teacher_v)),
         hard_examples=str(req.hard_examples),
+        progress_path=req.progress_path,
     )
     train_res = run_training(cfg, nproc=req.nproc, threads_per_proc=req.threads)
     model = task.build_student()
@@ -105,6 +107,7 @@ def retrain(
         "candidate": cand.to_dict(),
         "released_version": None,
         "refused": [] if chosen.decision.passed else list(chosen.decision.reasons),
+        "run_dir": str(run),
     }
     if chosen.decision.passed:
         progress("sign + store")

@@ -38,3 +38,27 @@ class TrainerMetrics:
         self.busy = Gauge(
             "edgeloop_trainer_training_in_progress", "1 while a retrain runs", registry=r
         )
+        self.epoch = Gauge(
+            "edgeloop_trainer_training_epoch",
+            "Epochs the running retrain has finished (0 between runs)",
+            registry=r,
+        )
+        self.epochs = Gauge(
+            "edgeloop_trainer_training_epochs",
+            "Epochs the running retrain will train (0 between runs)",
+            registry=r,
+        )
+        # One series while a retrain runs (removed after it): cardinality stays at one.
+        self.trigger = Gauge(
+            "edgeloop_trainer_training_trigger",
+            "1 for the trigger whose retrain is running",
+            ["trigger_id"],
+            registry=r,
+        )
+        self.release = Gauge(
+            "edgeloop_trainer_release_version",
+            "Model version of the newest release this trainer published, per cohort and "
+            "stage (CANARY, or REFUSED naming the serving version)",
+            ["cohort", "stage"],
+            registry=r,
+        )

@@ -41,7 +41,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from edgeloop.artifacts.manifest import MANIFEST_NAME, Manifest, sha256_file
+from edgeloop.artifacts.manifest import MANIFEST_NAME, Manifest
 from edgeloop.artifacts.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 from edgeloop.core.errors import ConfigError, DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
@@ -65,6 +65,7 @@ from edgeloop.trainer.home import TrainerHome
 from edgeloop.trainer.release_events import (
     EventPublisher,
     ReleaseFacts,
+    artifact_location,
     dead_letter_record,
     release_record,
 )
@@ -336,6 +337,7 @@ class TriggerConsumer:
                 "lr": s.lr,
                 "nproc": s.nproc,
                 "threads": s.threads,
+                "progress_path": str(run / "progress.json"),
             },
             policy={
                 "max_clean_drop": s.gate_max_clean_drop,
@@ -347,6 +349,9 @@ class TriggerConsumer:
         await asyncio.to_thread(job.save, job_path)
         t0 = time.perf_counter()
         self.metrics.busy.set(1)
+        self.metrics.trigger.labels(trigger_id).set(1)
+        self.metrics.epochs.set(s.epochs)
+        watcher = asyncio.create_task(self._watch_progress(run / "progress.json"))
         try:
             rc = await run_child(
                 job_path,
@@ -356,7 +361,13 @@ class TriggerConsumer:
                 grace_s=s.training_kill_grace_s,
             )
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             self.metrics.busy.set(0)
+            self.metrics.epoch.set(0)
+            self.metrics.epochs.set(0)
+            self.metrics.trigger.remove(trigger_id)
             self.metrics.training_seconds.observe(time.perf_counter() - t0)
         if rc != 0 or not out_path.exists():
             tail = await asyncio.to_thread(log_tail, log_path)
@@ -366,6 +377,18 @@ class TriggerConsumer:
             )
         doc: dict[str, Any] = json.loads(await asyncio.to_thread(out_path.read_text))
         return doc
+
+    async def _watch_progress(self, path: Path) -> None:
+        """Mirror the training's epoch count (rank 0 rewrites `path` after each epoch) in
+        the gauges, once a second, until cancelled."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                doc = json.loads(await asyncio.to_thread(path.read_text))
+                self.metrics.epoch.set(int(doc["epoch"]))
+                self.metrics.epochs.set(int(doc["epochs"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not written yet (or from a run that crashed): keep the last
 
     def _facts(
         self,
@@ -393,15 +416,11 @@ class TriggerConsumer:
             offset_ranges=ranges,
             scores={"candidate": scores["scores"], "serving": report["serving"]},
             refused=tuple(report["refused"]),
+            training_run=report.get("run_dir"),
         )
 
     def _artifact(self, model: str, version: int) -> tuple[str, str, str]:
-        folder = self.home.root / "store" / model / str(version)
-        manifest_path = folder / MANIFEST_NAME
-        manifest = Manifest.from_bytes(manifest_path.read_bytes())
-        base = self.settings.artifact_base_url
-        url = f"{base.rstrip('/')}/{model}/{version}/" if base else folder.resolve().as_uri() + "/"
-        return url, sha256_file(manifest_path), manifest.target
+        return artifact_location(self.home, model, version, self.settings.artifact_base_url)
 
     async def _publish_release(self, publisher: EventPublisher, facts: ReleaseFacts) -> None:
         cohort = self.settings.canary_cohort
@@ -412,6 +431,8 @@ class TriggerConsumer:
             release_record(facts, cohort, self.settings.canary_share),
             [("trigger_id", facts.trigger_id.encode())],
         )
+        stage = "CANARY" if facts.released else "REFUSED"
+        self.metrics.release.labels(cohort, stage).set(facts.model_version)
         outcome = "released" if facts.released else "refused"
         await asyncio.to_thread(
             self.ledger.finish,

@@ -31,7 +31,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "The control plane's state: thresholds, signals, triggers per cohort.",
     ),
     "topics": ("edgeloop.cli.bridge_cmd:topics", "Create the Kafka topics of the topic map."),
-    "models": ("edgeloop.cli.models_cmd:models", "Bootstrap, sign and verify model artifacts."),
+    "models": (
+        "edgeloop.cli.models_cmd:models",
+        "Bootstrap, verify and release (FULL, CANARY) model artifacts.",
+    ),
     "keys": ("edgeloop.cli.keys_cmd:keys", "Create the release signing key pair."),
     "edge": ("edgeloop.cli.edge_cmd:edge", "Run a device daemon or a simulated fleet."),
     "train": (

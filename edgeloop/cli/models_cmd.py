@@ -1,9 +1,11 @@
-"""`edgeloop models`: bootstrap the shipped models; verify an artifact like a device does."""
+"""`edgeloop models`: bootstrap the shipped models; verify an artifact like a device does;
+release a stored one to cohorts (an operator's FULL or CANARY)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -16,13 +18,14 @@ from edgeloop.artifacts.signing import (
     load_public_key,
 )
 from edgeloop.artifacts.verify import verify_artifact
-from edgeloop.cli.fixes import require_key
+from edgeloop.cli.fixes import reachable, require_key
+from edgeloop.core.errors import ConfigError
 from edgeloop.core.settings import edgeloop_home
 
 
 @click.group()
 def models() -> None:
-    """Build, sign and verify model artifacts."""
+    """Build, sign, verify and release model artifacts."""
 
 
 @models.command()
@@ -145,3 +148,141 @@ def verify(artifact_dir: Path, min_version: int | None, pubkey: Path | None, tar
             }
         )
     )
+
+
+@models.command("release")
+@click.option("--model", "model_name", required=True, help="Model name, e.g. digits-student.")
+@click.option("--version", type=int, default=None, help="Stored version [newest in the store].")
+@click.option("--stage", required=True, help="full | canary.")
+@click.option(
+    "--cohort",
+    "cohorts",
+    multiple=True,
+    help="Cohort to release to (repeatable; at least one). One record per cohort.",
+)
+@click.option(
+    "--share",
+    type=float,
+    default=None,
+    help="CANARY only: share of the cohort's devices [the judge's canary share, "
+    "EDGELOOP_CONTROL_JUDGE__CANARY_SHARE].",
+)
+@click.option(
+    "--parent-version",
+    type=int,
+    default=None,
+    help="The version a rollback reinstalls [the signed lineage's parent; CANARY needs one].",
+)
+@click.option(
+    "--override-gate",
+    "override_gate",
+    default=None,
+    metavar="REASON",
+    help="Release a version no gate passed; logged with the operator, kept in `reason`.",
+)
+@click.option(
+    "--artifact-base-url",
+    default=None,
+    help="Where devices download artifacts (as `train serve`) [file:// URLs of the store].",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Trainer home [$EDGELOOP_HOME/trainer]. [env EDGELOOP_TRAINER_HOME]",
+)
+def release(
+    *,
+    model_name: str,
+    version: int | None,
+    stage: str,
+    cohorts: tuple[str, ...],
+    share: float | None,
+    parent_version: int | None,
+    override_gate: str | None,
+    artifact_base_url: str | None,
+    out: Path | None,
+) -> None:
+    """Publish a stored, verified model as a FULL or CANARY ModelRelease to cohorts.
+
+    FULL makes the version what a cohort runs: the parent the rollout judge rolls back to
+    (release the bootstrap v1 FULL before the first canary). CANARY starts a judged rollout
+    of a newer version. The version must verify as a device verifies it, and a gate must
+    have passed it (the bootstrap or a retrain), unless --override-gate REASON says why
+    not. Re-running the same release publishes the same event ids. Endpoints come from
+    $EDGELOOP_HOME/infra.env.
+    """
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    from edgeloop.core.settings import KafkaSettings, RegistrySettings
+    from edgeloop.schemas.registry.client import RegistryClient
+    from edgeloop.trainer.home import TrainerHome
+    from edgeloop.trainer.operator_release import (
+        Published,
+        ReleaseRequest,
+        plan_release,
+        publish_release,
+    )
+    from edgeloop.trainer.release_events import EventPublisher
+    from edgeloop.trainer.serve_settings import TrainerServeSettings
+
+    # `train serve`'s settings: the same trainer home, keys, topic, base URL and the
+    # judge's canary share (EDGELOOP_CONTROL_JUDGE__CANARY_SHARE).
+    # (`home` is not passed to `load`: its first parameter of that name is $EDGELOOP_HOME.)
+    overrides: dict[str, Any] = {}
+    if artifact_base_url is not None:
+        overrides["artifact_base_url"] = artifact_base_url
+    settings = TrainerServeSettings.load(**overrides)
+    home = TrainerHome(out or settings.home or edgeloop_home() / "trainer")
+    keys = settings.keys_dir or edgeloop_home() / "keys"
+    pubkey = load_public_key(require_key(keys / PUBLIC_KEY_NAME, "set EDGELOOP_TRAINER_KEYS_DIR"))
+    request = ReleaseRequest(
+        model_name=model_name,
+        stage=stage,
+        cohorts=cohorts,
+        version=version,
+        share=share,
+        parent_version=parent_version,
+        override_gate=override_gate,
+    )
+    plan = plan_release(
+        request,
+        home,
+        pubkey,
+        default_share=settings.canary_share,
+        artifact_base_url=settings.artifact_base_url,
+    )
+    kafka = KafkaSettings.load()
+    topic = settings.releases_topic
+
+    async def main() -> list[Published]:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka.bootstrap,
+            acks="all",
+            enable_idempotence=kafka.idempotence,
+            request_timeout_ms=15_000,
+        )
+        try:
+            await producer.start()
+            cluster = await producer.client.fetch_all_metadata()
+            if not cluster.partitions_for_topic(topic):
+                raise ConfigError(
+                    f"topic {topic} does not exist on {kafka.bootstrap}; "
+                    "create it with `edgeloop topics create`"
+                )
+            async with RegistryClient.from_settings(RegistrySettings.load()) as registry:
+                return await publish_release(plan, EventPublisher(producer, registry), topic)
+        finally:
+            await producer.stop()
+
+    with reachable(edgeloop_home(), kafka=kafka.bootstrap, registry=True):
+        published = asyncio.run(main())
+    gate = plan.reason["gate"]
+    for p in published:
+        click.echo(
+            f"{plan.stage} {plan.model_name} v{plan.version} -> cohort {p.cohort}: "
+            f"{p.topic} partition {p.partition} offset {p.offset} (event {p.event_id}, "
+            f"share {plan.share}, parent {plan.parent_version}, gate {gate})"
+        )

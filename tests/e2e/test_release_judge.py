@@ -1,15 +1,16 @@
 """A bad release judged on the live stream and rolled back, end to end (issue: the control
 plane, "a bad release is rolled back and no device keeps serving it").
 
-Devices (mTLS, the bridge both ways) serve the signed v1 student. A v2 that is really worse
-in the field, v1 with its output layer's columns rotated (every prediction moves to the next
-class; confidences unchanged), is signed with the same release key, so it passes every check
-a device makes, and is released as `train serve` releases a model: its CANARY record
-(`release_record`, the judge's canary share) published through the trainer's
-`EventPublisher`. Nobody writes the ROLLBACK by hand: the worker's judge compares the canary
-members' InferenceEvents and teacher verdicts with the rest of the cohort's, fails the
-candidate on disagreement with the teacher, and publishes the ROLLBACK that the devices
-apply through the bridge's downlink.
+Devices (mTLS, the bridge both ways) serve the signed v1 student, whose FULL release (the
+parent a rollback reinstalls) is published as an operator publishes it (`edgeloop models
+release --stage full`). A v2 that is really worse in the field, v1 with its output layer's
+columns rotated (every prediction moves to the next class; confidences unchanged), is
+signed with the same release key, so it passes every check a device makes, and is released
+as `train serve` releases a model: its CANARY record (`release_record`, the judge's canary
+share) published through the trainer's `EventPublisher`. Nobody writes the ROLLBACK by
+hand: the worker's judge compares the canary members' InferenceEvents and teacher verdicts
+with the rest of the cohort's, fails the candidate on disagreement with the teacher, and
+publishes the ROLLBACK that the devices apply through the bridge's downlink.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from onnx import numpy_helper
 
 from edgeloop.agents.fleet import FleetClient, new_record
 from edgeloop.artifacts.rollout import in_rollout
-from edgeloop.artifacts.signing import load_private_key, sign_artifact
+from edgeloop.artifacts.signing import load_private_key, load_public_key, sign_artifact
 from edgeloop.artifacts.store import DirectoryStore, serve_directory
 from edgeloop.core.settings import KafkaSettings
 from edgeloop.edge.daemon import EdgeDaemon, Endpoint
@@ -42,12 +43,13 @@ from edgeloop.edge.source import ArraySource
 from edgeloop.infra.testing import InfraEndpoints
 from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.tasks.digits import DigitsTask, load_raw
+from edgeloop.trainer.home import TrainerHome
+from edgeloop.trainer.operator_release import ReleaseRequest, plan_release, publish_release
 from edgeloop.trainer.release_events import EventPublisher, ReleaseFacts, release_record
 from edgeloop.trainer.serve_settings import TrainerServeSettings
 from tests.integration.agents_support import AgentsProcess, read_topic, start_at_end, workers
 from tests.integration.bridge_support import BridgeProcess, prepare
 from tests.integration.test_agents_worker import worker_env
-from tests.integration.test_bridge_downlink import produce
 from tests.integration.test_edge_daemon import EdgeModels, edge_models, until
 
 pytestmark = pytest.mark.integration
@@ -170,6 +172,31 @@ async def publish_canary(
         await producer.stop()
 
 
+async def release_full_v1(
+    stack: InfraEndpoints, models: EdgeModels, root: Path, cohort: str, base_url: str
+) -> None:
+    """v1's FULL release through `edgeloop models release`'s code path, from the trainer
+    home at `root` (its store holds v1; the bootstrap report is copied beside it)."""
+    assert stack.registry is not None
+    home = TrainerHome(root)
+    report = models.store.parent / "runs" / "bootstrap" / "bootstrap-report.json"
+    home.run_dir("bootstrap").mkdir(parents=True)
+    shutil.copy2(report, home.run_dir("bootstrap") / "bootstrap-report.json")
+    plan = plan_release(
+        ReleaseRequest(model_name=MODEL, stage="full", cohorts=(cohort,), version=1),
+        home, load_public_key(models.pubkey), default_share=CANARY_SHARE,
+        artifact_base_url=base_url,
+    )  # fmt: skip
+    assert plan.reason["gate"] == "passed", plan.reason
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        async with RegistryClient(stack.registry.url) as registry:
+            await publish_release(plan, EventPublisher(producer, registry), RELEASES)
+    finally:
+        await producer.stop()
+
+
 async def test_the_judge_rolls_back_a_worse_canary_and_no_device_keeps_it(
     infra_stack: InfraEndpoints,
     edge_models: EdgeModels,
@@ -222,14 +249,11 @@ async def test_the_judge_rolls_back_a_worse_canary_and_no_device_keeps_it(
     await asyncio.gather(worker.ready(), bridge.subscribed())
 
     # v1 is what the cohort runs: its FULL release is the parent a rollback reinstalls
-    # (what the judge needs to start judging a canary of v2).
-    full_v1 = {
-        "event_id": str(uuid.uuid4()), "ts": time.time_ns() // 1000, "model_name": MODEL,
-        "model_version": 1, "cohort": cohort, "stage": "FULL", "wave": 0,
-        "artifact_url": f"{base}/1/", "manifest_sha256": sha(1), "target": "pi5-cpu",
-        "parent_version": None, "reason": "bootstrap", "share": 1.0,
-    }  # fmt: skip
-    await produce(infra_stack, [(RELEASES, cohort, "ModelRelease", full_v1)])
+    # (what the judge needs to start judging a canary of v2), published as an operator does
+    # with `edgeloop models release --stage full` (the bootstrap report says v1 passed).
+    await release_full_v1(
+        infra_stack, edge_models, tmp_path, cohort, base.removesuffix(f"/{MODEL}")
+    )
 
     daemons = {d: make_daemon(infra_stack, edge_models, d, cohort, tmp_path / d) for d in devices}
     reported_v2: set[str] = set()  # devices seen serving v2 at any time
@@ -300,6 +324,11 @@ async def test_the_judge_rolls_back_a_worse_canary_and_no_device_keeps_it(
     assert worse["canary"] > worse["control"] + 0.05  # the margin, in the field
     # Judged on evidence: Kayenta's (and the default) 50 samples per arm at least.
     assert min(worse["n_canary"], worse["n_control"]) >= 50
+    # The parent the rollback went back to is the operator's FULL release of v1.
+    fulls = [r for r in releases.records if r["stage"] == "FULL"]
+    assert [(r["model_version"], json.loads(r["reason"])["released_by"]) for r in fulls] == [
+        (1, "edgeloop models release")
+    ]
     # The canary the trainer published carried the judge's share, not "every device".
     canaries = [r for r in releases.records if r["stage"] == "CANARY"]
     assert [r["share"] for r in canaries] == [CANARY_SHARE]

@@ -71,6 +71,20 @@ async def test_fleet_with_partition_and_drift_delivers_every_event(
     # The partition really cut live connections, and nothing was lost to it.
     assert sum(imp.cuts for imp in sim.impairments) >= 1
     assert sim.totals()["outbox_depth"] == 0
+    # Ground truth, counted on the simulator's side: every frame against its label, per
+    # cohort; the drifted cohort (canary, severity 0.8) is the less accurate one.
+    reg = sim.metrics.registry
+
+    def predictions(cohort: str, correct: str) -> float:
+        labels = {"cohort": cohort, "model_version": "1", "correct": correct}
+        return reg.get_sample_value("edgeloop_edge_predictions_total", labels) or 0.0
+
+    accuracy = {}
+    for cohort in ("canary", "control"):
+        right, wrong = predictions(cohort, "true"), predictions(cohort, "false")
+        assert right + wrong == 3 * per_device
+        accuracy[cohort] = right / (right + wrong)
+    assert accuracy["canary"] < accuracy["control"]
 
 
 def test_simulate_cli_runs_a_small_fleet_to_completion(

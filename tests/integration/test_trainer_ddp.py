@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,13 @@ def test_world_size_2_is_deterministic(tmp_path: Path) -> None:
 
 def test_resume_from_checkpoint_continues(tmp_path: Path) -> None:
     out = tmp_path / "r"
-    cfg = TrainConfig(out_dir=str(out), role="student", epochs=2, checkpoint_every=1)
+    progress = tmp_path / "progress.json"
+    cfg = TrainConfig(out_dir=str(out), role="student", epochs=2, checkpoint_every=1,
+                      progress_path=str(progress))  # fmt: skip
     run_training(cfg, nproc=1)
     assert torch.load(out / "checkpoint.pt")["epoch"] == 1
+    # Rank 0 reports each finished epoch for the launcher's progress display.
+    assert json.loads(progress.read_text()) == {"epoch": 2, "epochs": 2}
     # Asking for more epochs in the same dir resumes at epoch 2 instead of starting over.
     more = TrainConfig(out_dir=str(out), role="student", epochs=3, checkpoint_every=1)
     res = run_training(more, nproc=1)

@@ -370,6 +370,16 @@ async def test_trains_exact_range_once_and_dead_letters_bad_triggers(
         assert manifest.lineage.trigger_id == good
         assert manifest.lineage.offset_ranges == {f"{topics.hard}/0": [10, 49]}
         assert release["artifact_url"] == art.resolve().as_uri() + "/"
+        # The run is named in the lineage; its progress and the release are in the metrics.
+        assert why["training_run"] == str(h.home / "runs" / f"retrain-{good}")
+        assert (h.home / "runs" / f"trigger-{good}" / "progress.json").exists()
+        reg = first.consumer.metrics.registry
+        released = {"cohort": "canary", "stage": "CANARY"}
+        assert reg.get_sample_value("edgeloop_trainer_release_version", released) == 2
+        assert reg.get_sample_value("edgeloop_trainer_training_epoch") == 0  # between runs
+        assert (
+            reg.get_sample_value("edgeloop_trainer_training_trigger", {"trigger_id": good}) is None
+        )
 
         # Redelivered (a producer retry): skipped. A later bad trigger marks "caught up".
         await h.trigger(_trigger(good, topics.hard, 10, 50))
