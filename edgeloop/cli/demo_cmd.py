@@ -168,12 +168,14 @@ def demo(**o: Any) -> None:
     except DemoError as exc:
         raise click.UsageError(str(exc)) from None
     say: Any = click.echo
+    console: Any = None
     if not options.headless:
         from rich.console import Console
 
-        say = Console(stderr=False).print
+        console = Console()
+        say = console.print
     try:
-        report = asyncio.run(run_scenario(options, say=say))
+        report = asyncio.run(run_scenario(options, say=say, console=console))
     except KeyboardInterrupt:
         click.echo("interrupted: every process was stopped", err=True)
         raise SystemExit(130) from None

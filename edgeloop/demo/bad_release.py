@@ -1,8 +1,8 @@
 """The demo's deliberately bad release: a signed model that is worse in the field.
 
-It is the serving model with its output layer's columns (and bias) rotated by one class:
-class c's logit becomes class c+1's, so confidences are unchanged and every prediction
-moves to the next class. It is signed with the release key like any release, so it passes
+It is the serving model with its outputs rotated by one class (a Gather after the last
+node): class c's logit becomes class c+1's, so confidences are unchanged and every
+prediction moves to the next class. It is signed with the release key like any release, so it passes
 every check a device makes (signature, manifest, target); only the field can tell it is
 bad, which is what the rollout judge is for. No gate would pass it (its holdout accuracy
 is near 0), so the demo releases it with `edgeloop models release --override-gate`, the
@@ -36,8 +36,7 @@ def build_bad_release(store_root: Path, model: str, base_version: int, private_k
         The new version number.
 
     Raises:
-        DemoError: the base artifact is missing, or its graph has no output layer whose
-            weights and bias have one column per class.
+        DemoError: the base artifact is missing, or its output has no static class axis.
     """
     import numpy as np
     import onnx
@@ -50,16 +49,22 @@ def build_bad_release(store_root: Path, model: str, base_version: int, private_k
     version = max(store.versions(model), default=base_version) + 1
     graph = onnx.load(str(base / MODEL_FILE))
     classes = _classes(graph)
-    rotated = 0
-    for init in graph.graph.initializer:
-        arr = numpy_helper.to_array(init)
-        # The output layer: the only parameters whose last axis is the class count and
-        # that feed the graph's output (the bias and the (quantized) weight matrix).
-        if arr.ndim >= 1 and arr.shape[-1] == classes and _feeds_output(graph, init.name):
-            init.CopyFrom(numpy_helper.from_array(np.roll(arr, 1, axis=-1), init.name))
-            rotated += 1
-    if rotated == 0:
-        raise DemoError(f"{base / MODEL_FILE}: found no output layer with {classes} columns")
+    # A Gather over the class axis after the last node, whatever the layers' layout
+    # (quantized weights are stored (out, in) or (in, out) depending on the export):
+    # new[j] = old[(j - 1) mod classes], i.e. class c's logit becomes class c+1's.
+    out = graph.graph.output[0]
+    before = f"{out.name}__before_rotation"
+    for node in graph.graph.node:
+        node.output[:] = [before if o == out.name else o for o in node.output]
+    indices = np.roll(np.arange(classes, dtype=np.int64), 1)
+    graph.graph.initializer.append(numpy_helper.from_array(indices, "demo_rotated_classes"))
+    graph.graph.node.append(
+        onnx.helper.make_node(
+            "Gather", [before, "demo_rotated_classes"], [out.name], axis=-1,
+            name="demo_rotate_classes",
+        )
+    )  # fmt: skip
+    onnx.checker.check_model(graph)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp) / "stage"
         stage.mkdir()
@@ -81,32 +86,3 @@ def _classes(graph: object) -> int:
     if not dims or not dims[-1].dim_value:
         raise DemoError("the model's output has no static class dimension")
     return int(dims[-1].dim_value)
-
-
-def _feeds_output(graph: object, name: str) -> bool:
-    """Whether initializer `name` is an input of a node on the path to the last output.
-
-    Walks back from the graph's output through the nodes (the tail of a classifier is a
-    few nodes: Gemm or MatMul + Add, perhaps DequantizeLinear in front of them).
-    """
-    g = graph.graph  # type: ignore[attr-defined]
-    producers = {o: n for n in g.node for o in n.output}
-    frontier = [g.output[0].name]
-    seen: set[str] = set()
-    depth = 0
-    while frontier and depth < 6:
-        nxt: list[str] = []
-        for tensor in frontier:
-            node = producers.get(tensor)
-            if node is None or node.name in seen:
-                continue
-            seen.add(node.name)
-            if name in node.input:
-                return True
-            # Stop at the previous layer's activation: only the last layer is rotated.
-            if node.op_type in ("Relu", "Gelu", "Sigmoid", "Tanh"):
-                continue
-            nxt.extend(node.input)
-        frontier = nxt
-        depth += 1
-    return False

@@ -398,8 +398,12 @@ class Scenario:
         rec = self.begin("training", "train serve: DDP retrain, gate, sign, CANARY")
         ok = await self.until(sup, self._retrain_handled)
         released = self.count("edgeloop_trainer_triggers_total", outcome="released") >= 1
-        why = "" if released else (
-            "the gate refused the retrain (see the trainer log)" if ok else "no outcome in time"
+        why = (
+            ""
+            if released
+            else (
+                "the gate refused the retrain (see the trainer log)" if ok else "no outcome in time"
+            )
         )
         self.end(rec, ok and released, why)
         if not released:
@@ -542,7 +546,35 @@ class Scenario:
             "options": {
                 k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.o).items()
             },
+            "rollout_shares": {"canary": self.canary_share, "waves": list(self.wave_shares)},
+            "service_env": self.control_env(),
             "outcome": asdict(self.outcome),
+        }
+
+    def report_scenario(self) -> dict[str, Any]:
+        """What `write_report` reads: the summary plus the timeline on the observer's clock."""
+        shift = self.observer_started_s
+        out = self.outcome
+
+        def on_observer(t: float | None) -> float | None:
+            return None if t is None else max(0.0, t - shift)
+
+        return {
+            **self.summary(),
+            "drifted": self.o.drifted,
+            "drift_at_s": on_observer(out.drift_at_s),
+            "release_at_s": on_observer(out.release_at_s),
+            "efficacy_until_s": on_observer(out.bad_at_s),
+            # Devices install a FULL release within a few seconds of it.
+            "settle_s": 2 * self.o.window_s,
+            "notes": [
+                "The bad release is the serving model with its output classes rotated, "
+                "signed with the release key; no gate would pass it, so it was released "
+                "with `edgeloop models release --override-gate` (the operator's override, "
+                "logged with the operator's name and kept in the release's reason).",
+                "Service settings that depart from production defaults for one host: "
+                "offload latency SLO 30 s, trainer gate p99 bound 50 ms (see service_env).",
+            ],
         }
 
 
@@ -596,6 +628,7 @@ async def run_scenario(
     *,
     say: Callable[[str], None] = print,
     started: Callable[[Scenario], Awaitable[None]] | None = None,
+    console: Any = None,
 ) -> dict[str, Any]:
     """The whole demo: fresh run home, the stack in this process, the scenario, the report.
 
@@ -620,7 +653,9 @@ async def run_scenario(
             if not o.headless:
                 from edgeloop.demo.dashboard import Dashboard
 
-                dashboard = Dashboard(title=f"edgeloop demo: {o.devices} devices, {o.kafka}")
+                dashboard = Dashboard(
+                    console, title=f"edgeloop demo: {o.devices} devices, {o.kafka}"
+                )
             try:
                 if dashboard is not None:
                     dashboard.__enter__()
@@ -639,35 +674,26 @@ async def run_scenario(
 
 
 async def _report(scenario: Scenario) -> dict[str, Any]:
+    """Lineage from Kafka, then report.json, the plots and report.md (`report.py`)."""
     from edgeloop.core.settings import KafkaSettings, RegistrySettings
-    from edgeloop.demo.lineage import read_lineage
-    from edgeloop.demo.report import loop_efficacy, write_report
+    from edgeloop.demo.lineage import ReleaseLineage, read_lineage
+    from edgeloop.demo.report import write_report
 
     o = scenario.o
     out = o.reports
     out.mkdir(parents=True, exist_ok=True)
     kafka = KafkaSettings.load(o.run_home)
     registry = RegistrySettings.load(o.run_home)
+    lineage: list[ReleaseLineage] = []
     try:
         lineage = await read_lineage(kafka.bootstrap, registry.url, model=MODEL)
     except Exception as exc:  # the report says what it could not read
         log.warning("lineage not read", extra={"error": str(exc)[:300]})
-        lineage = []
-    outcome = scenario.outcome
-    extra: dict[str, Any] = {"scenario": scenario.summary()}
-    if scenario.observer is not None and outcome.drift_at_s is not None:
-        # Observer time counts from its creation; shift the scenario's times onto it.
-        shift = scenario.observer_started_s
-        extra["loop_efficacy"] = loop_efficacy(
-            scenario.observer,
-            drifted=o.drifted,
-            drift_at_s=outcome.drift_at_s - shift,
-            release_at_s=None if outcome.release_at_s is None else outcome.release_at_s - shift,
-        )
     if scenario.observer is None:
-        (out / "report.json").write_text(json.dumps(extra, indent=1, default=str))
-        return extra
-    report: dict[str, Any] = await write_report(
-        out, scenario.observer, scenario=scenario.summary(), lineage=lineage, extra=extra
+        report = {"scenario": scenario.summary(), "error": "the services never started"}
+        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        return report
+    result: dict[str, Any] = await write_report(
+        out, scenario.observer, scenario=scenario.report_scenario(), lineage=lineage
     )
-    return report
+    return result

@@ -56,7 +56,8 @@ def leftovers(home: Path) -> list[str]:
         except (FileNotFoundError, PermissionError, ProcessLookupError):
             continue
         if needle in cmdline or needle in environ:
-            found.append(f"{pid}: {cmdline.replace(b'\0', b' ').decode(errors='replace')[:200]}")
+            shown = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
+            found.append(f"{pid}: {shown}")
     return found
 
 
@@ -90,7 +91,7 @@ def test_headless_demo_runs_the_loop_and_rolls_back_the_bad_release(
 
     # The drifted cohort lost accuracy to the drift and won a clear share back after the
     # automatic release; the others did not get worse.
-    eff = report["loop_efficacy"]
+    eff = report["efficacy"]
     assert eff["lost"] is not None and eff["lost"] > 0.1, eff
     assert eff["accuracy_after_release"] - eff["accuracy_after_drift"] > 0.05, eff
     assert eff["clean_change"] is not None and eff["clean_change"] > -0.03, eff
@@ -112,18 +113,10 @@ def test_headless_demo_runs_the_loop_and_rolls_back_the_bad_release(
     assert all(code == 0 for code in outcome["exit_codes"].values()), outcome["exit_codes"]
 
     # The fleet's offload rate stayed within the cloud budget once the controller
-    # settled (the last half of the run's frames that have both figures).
-    pairs = [
-        (r, b) for r, b in zip(
-            report["series"]["fleet_offload_per_s"], report["series"]["budget_per_s"],
-            strict=True,
-        )
-        if r is not None and b is not None
-    ]  # fmt: skip
-    settled = pairs[len(pairs) // 2 :]
-    assert settled, "no offload rate and budget observed"
-    over = [(r, b) for r, b in settled if r > 1.25 * b]
-    assert len(over) <= len(settled) // 10, over
+    # settled (the second half of the frames that have both figures).
+    budget = report["offload_vs_budget"]
+    assert budget["frames_compared"] > 20, budget
+    assert budget["within_budget_share_second_half"] >= 0.9, budget
 
     # The report holds the figures checked here, its plots and its markdown.
     for name in ("report.md", *report["plots"]):
