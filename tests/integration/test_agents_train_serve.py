@@ -46,16 +46,11 @@ async def test_train_serve_trains_on_the_agents_hard_examples(
     edge_models: EdgeModels,
     workers: list[AgentsProcess],
     tmp_path: Path,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if infra_stack.kafka.flavor == "tansu":
-        # Measured here: Tansu 0.6 reports a log end offset (55) below offsets it served
-        # (0..79) once a partition holds multi-record batches, which the agents' producer
-        # writes; `train serve` then refuses the range as range_unavailable. Strict: the
-        # day Tansu reports it right, this test says so.
-        request.applymarker(
-            pytest.mark.xfail(reason="Tansu end offsets with multi-record batches", strict=True)
-        )
+    # On Tansu 0.6 this is also the regression test for its end offsets: it reports a log
+    # end offset (55 measured) below offsets it serves (0..79) once a partition holds
+    # multi-record batches, which the agents' producer writes; `train serve` refused the
+    # range as range_unavailable until the read, not the reported end, decided.
     await prepare(infra_stack)
     assert infra_stack.registry is not None
     bootstrap, reg = infra_stack.kafka.bootstrap, infra_stack.registry.url

@@ -263,6 +263,8 @@ class Harness:
             # Small training, any accuracy: the release path is what is tested here.
             "gate_min_drift_gain": -1.0,
             "gate_max_clean_drop": 1.0,
+            # p99 measured on a loaded shared machine (15 ms seen at load 10) is noise here.
+            "gate_max_p99_ms": 1000.0,
             "range_read_timeout_s": 60.0,
             "training_timeout_s": WAIT_S,
         }
