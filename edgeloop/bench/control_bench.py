@@ -79,6 +79,12 @@ SEVERITY = 0.8
 # Offloads/s the teacher is said to sustain until the capacity scenario sets its own
 # (from the settled load): above what this fleet offloads at the factory tau (0.8).
 CAPACITY = 24.0
+# The latency SLO the bench's controller runs with. A CloudVerdict's latency is measured
+# from the device's request time, so it includes the wait behind the teacher's backlog;
+# on a loaded 2-core machine its p99 passes the default 2 s, and the SLO then held
+# cohorts at tau = 0 (audits only), where neither scenario's change has anything to act
+# on (a halved capacity that the audits alone do not reach is no cut).
+LATENCY_SLO_MS = 30_000.0
 QUIET_WINDOWS = 3  # settled: no update for this many windows
 ANSWER_WINDOWS = 8  # a run with no update this long after t0 is missed
 STUDENT, TEACHER = "digits-student", "digits-teacher"
@@ -91,6 +97,7 @@ def _control_env(capacity: float) -> dict[str, str]:
         "EDGELOOP_CONTROL_SIGNALS__ALLOWED_LATENESS_S": str(LATENESS_S),
         "EDGELOOP_CONTROL_WIRING__TICK_S": str(TICK_S),
         "EDGELOOP_CONTROL_THRESHOLD__CLOUD_CAPACITY_PER_S": str(capacity),
+        "EDGELOOP_CONTROL_THRESHOLD__LATENCY_SLO_MS": str(LATENCY_SLO_MS),
     }
 
 
@@ -316,10 +323,11 @@ def _drift_answer(t0: float) -> Callable[[_Update], bool]:
 
 
 def _capacity_answer(half: float) -> Callable[[_Update], bool]:
-    """An update decided with the halved capacity (the first window that used it)."""
+    """An update decided with the halved capacity that cuts the load to it (over budget);
+    a decision for another reason under it (an audit rate) is not the answer."""
 
     def answers(u: _Update) -> bool:
-        return math.isclose(u.capacity, half)
+        return math.isclose(u.capacity, half) and u.reason.startswith("over budget")
 
     return answers
 
