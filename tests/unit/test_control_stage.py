@@ -375,3 +375,40 @@ def test_the_offload_backlog_is_timed_at_the_capacity_in_force() -> None:
     # At an override of 10/s the same backlog drains in 30 s.
     at_override, _ = lags([capacity(10.0, T0), *scripted_log(3)])
     assert at_override == {30.0}
+
+
+def status(device: str, cohort: str, ts: int, capacity_bytes: float | None) -> dict[str, Any]:
+    from edgeloop.schemas.catalog import get
+    from edgeloop.schemas.samples import example_record
+
+    rec = {**example_record(get("DeviceStatus"), seed=1), "device_id": device, "cohort": cohort,
+           "ts": ts, "uplink_bytes_per_s": 10.0,
+           "uplink_capacity_bytes_per_s": capacity_bytes, "rtt_ms": 5.0}  # fmt: skip
+    obs = observation("edgeloop.v1.DeviceStatus", rec, Raw(b"", None, "s", 0, 0))
+    assert obs is not None
+    return obs
+
+
+def test_a_declared_uplink_capacity_reaches_the_controller_through_the_log() -> None:
+    """DeviceStatus -> control-log observation -> DEVICE window -> the device's override:
+    north-0 declares 8 KiB/s (half of it is one 4 KiB offload per second), north-1
+    declares none; both send almost nothing (`uplink_bytes_per_s` 10 B/s)."""
+    log = []
+    for o in scripted_log(6):
+        if o["k"] == "tick":
+            ts = int(o["ts"]) - US
+            log += [status("north-0", "north", ts, 8192.0), status("north-1", "north", ts, None)]
+        log.append(o)
+    out = run(ControlStep(settings()), log, ControlState())
+    devices = [r for t, _, r in out if t == THRESHOLDS_TOPIC and r["scope"] == "DEVICE"]
+    assert {u["scope_id"] for u in devices} == {"north-0"}
+    assert all(u["signals"]["uplink_capacity_bytes_per_s"] == 8192.0 for u in devices)
+    assert all(u["reason"].startswith("uplink budget") for u in devices)
+    # Within its budget: its offloads at the tau it was given fit in 1 offload/s.
+    signals = {(r["scope_id"], r["window_end"]): r["values"] for t, _, r in out
+               if t == SIGNALS_TOPIC and r["scope"] == "DEVICE"}  # fmt: skip
+    last = devices[-1]
+    values = next(v for (d, _), v in sorted(signals.items(), reverse=True) if d == "north-0")
+    k = round(last["tau"] * 20)
+    offloads = sum(values[f"conf_{b:02d}"] for b in range(k)) / values["window_s"]
+    assert offloads + last["audit_rate"] * (values["events_per_s"] - offloads) <= 1.0
