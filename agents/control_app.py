@@ -72,6 +72,28 @@ def control_log(app_id: str) -> str:
     return f"{app_id}-control-log"
 
 
+async def append_to_log(bootstrap: str, app_id: str, obs: dict[str, Any]) -> None:
+    """Append an operator's observation (a MANUAL trigger request, a capacity) to the
+    control log of `app_id`; returns once Kafka acknowledged it (acks=all).
+
+    Args:
+        bootstrap: the Kafka bootstrap servers.
+        app_id: the agents' app id.
+        obs: the observation (control_stage.manual, control_stage.capacity).
+
+    Raises:
+        KafkaError: the broker is unreachable or refused the record.
+    """
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(control_log(app_id), encode(obs), key=LOG_KEY)
+    finally:
+        await producer.stop()
+
+
 class ControlMetrics:
     """`edgeloop_control_*` on the app's registry."""
 
@@ -87,6 +109,14 @@ class ControlMetrics:
         )  # fmt: skip
         self.budget = Gauge(
             "edgeloop_control_budget_per_s", "Effective cloud budget, offloads/s", registry=r
+        )
+        self.capacity = Gauge(
+            "edgeloop_control_capacity_per_s", "Cloud capacity in force, offloads/s", registry=r
+        )
+        self.capacity_override = Gauge(
+            "edgeloop_control_capacity_override",
+            "1 while an operator's capacity (edgeloop control capacity) is in force",
+            registry=r,
         )
         self.psi = Gauge("edgeloop_control_psi", "Confidence PSI", ["cohort"], registry=r)
         self.hard = Gauge(
@@ -119,6 +149,9 @@ class ControlMetrics:
                 self.offload_rate.labels(rec["scope_id"]).set(values.get("offloads_per_s", 0.0))
                 if rec["scope"] == "COHORT" and "confidence_psi" in values:
                     self.psi.labels(rec["scope_id"]).set(values["confidence_psi"])
+                if rec["scope"] == "FLEET" and "capacity_per_s" in values:
+                    self.capacity.set(values["capacity_per_s"])
+                    self.capacity_override.set("capacity_override_per_s" in values)
             elif topic == THRESHOLDS_TOPIC and rec["scope"] == "COHORT":
                 self.tau.labels(rec["scope_id"]).set(rec["tau"])
                 self.version.labels(rec["scope_id"]).set(rec["threshold_version"])
@@ -185,16 +218,17 @@ class ControlAgents:
         if not self.ctx.ready.is_set():
             return
         try:
-            obs = tick(now_us(), self.offload_lag_s())
+            obs = tick(now_us(), behind=self.offload_behind())
             await self.ctx.produce([Out(self.log_topic, LOG_KEY, encode(obs))])
         except Exception:
             log.warning("control tick not appended", exc_info=True)
 
-    def offload_lag_s(self) -> float | None:
-        """The offload backlog this worker holds, in seconds at the cloud capacity
-        (messages behind on its `edge.offload.v1` partitions / offloads per second);
-        None when it runs no verdict stage. Each worker sees only its partitions: the FLEET
-        window keeps the largest tick's value, a lower bound of the fleet's backlog."""
+    def offload_behind(self) -> int | None:
+        """The offload backlog this worker holds: messages behind on its
+        `edge.offload.v1` partitions; None when it runs no verdict stage. The control step
+        turns it into seconds at the capacity in force (an operator's override included).
+        Each worker sees only its partitions: the FLEET window keeps the largest tick's
+        value, a lower bound of the fleet's backlog."""
         if not self.ctx.settings.verdicts:
             return None
         consumer = self.ctx.app.consumer
@@ -206,7 +240,7 @@ class ControlAgents:
             read = consumer._read_offset.get(tp)  # faust: no public read position
             if high is not None:
                 behind += max(high - (read + 1 if read is not None else 0), 0)
-        return behind / self.s.threshold.cloud_capacity_per_s
+        return behind
 
     def _load(self) -> ControlState:
         if self._state is None:

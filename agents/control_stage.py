@@ -23,6 +23,7 @@ and offsets only (see the modules above), so a replay produces the same records.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,15 +111,40 @@ def _fields(obs: signals.InferenceObs | signals.StatusObs) -> dict[str, Any]:
     return {name: getattr(obs, name) for name in obs.__slots__}
 
 
-def tick(now_us: int, lag_s: float | None = None) -> dict[str, Any]:
-    """A clock tick for the control log (closes windows of an idle stream); with the
-    offload consumer's lag when the worker measured it."""
-    return {"k": "tick", "ts": now_us, "lag_s": lag_s}
+def tick(now_us: int, lag_s: float | None = None, *, behind: int | None = None) -> dict[str, Any]:
+    """A clock tick for the control log (closes windows of an idle stream).
+
+    Args:
+        now_us: the worker's clock.
+        lag_s: the offload backlog in seconds, as older workers wrote it (None: unknown).
+        behind: the offload backlog in messages, as the worker measured it; the control
+            step turns it into seconds at the capacity in force when it applies the tick,
+            so a runtime capacity change (`edgeloop control capacity`) counts there too.
+
+    Returns:
+        The observation.
+    """
+    obs: dict[str, Any] = {"k": "tick", "ts": now_us, "lag_s": lag_s}
+    if behind is not None:
+        obs["behind"] = behind
+    return obs
 
 
 def manual(request_id: str, now_us: int, detail: str = "") -> dict[str, Any]:
     """A MANUAL training trigger request (`edgeloop train trigger`)."""
     return {"k": "manual", "id": request_id, "ts": now_us, "detail": detail}
+
+
+def capacity(per_s: float | None, now_us: int) -> dict[str, Any]:
+    """An operator's cloud capacity, offloads/s the teacher sustains (`edgeloop control
+    capacity`); None returns to the worker's setting. Applied from the next window end.
+
+    Raises:
+        ValueError: `per_s` is not a positive finite number.
+    """
+    if per_s is not None and not (math.isfinite(per_s) and per_s > 0):
+        raise ValueError(f"capacity must be a positive number of offloads/s, not {per_s!r}")
+    return {"k": "cap", "per_s": per_s, "ts": now_us}
 
 
 def encode(obs: Mapping[str, Any]) -> bytes:
@@ -160,6 +186,9 @@ class ControlState:
     # cohort -> its rollout (the newest CANARY's), JSON as judge.RolloutState.to_json
     rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
     rollouts_unparented: int = 0  # CANARY releases whose parent's FULL release was unknown
+    # The operator's cloud capacity override in force: {"per_s", "ts" (requested),
+    # "offset" (its control-log record)}; None: the setting (or a measured rate).
+    capacity: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (the changelog value)."""
@@ -176,6 +205,7 @@ class ControlState:
             "full": self.full,
             "rollouts": self.rollouts,
             "rollouts_unparented": self.rollouts_unparented,
+            "capacity": self.capacity,
         }
 
     @classmethod
@@ -195,6 +225,8 @@ class ControlState:
             full=dict(data["full"]),
             rollouts=dict(data["rollouts"]),
             rollouts_unparented=int(data["rollouts_unparented"]),
+            # Absent from a changelog written before overrides existed: none.
+            capacity=data.get("capacity"),
         )
 
 
@@ -238,6 +270,7 @@ class ControlStep:
             "tick": self._tick,
             "manual": self._manual,
             "rel": self._release,
+            "cap": self._capacity,
         }.get(kind)
         if handler is None:
             raise ValueError(f"unknown observation kind {kind!r}")
@@ -322,6 +355,26 @@ class ControlStep:
             triggers.manual(str(obs["id"]), int(obs["ts"]), trig, self.s.triggers, detail), state
         )
 
+    def _capacity(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
+        """An operator's capacity: in the state from this record on (a function of the log,
+        so a replay restores it), used by every window decided after it."""
+        per_s = obs["per_s"]
+        if per_s is None:
+            state.capacity = None
+            return []
+        value = float(per_s)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"capacity override {per_s!r} is not a positive number")
+        state.capacity = {"per_s": value, "ts": int(obs["ts"]), "offset": state.offset}
+        return []
+
+    def capacity_in_force(
+        self, state: ControlState, fleet: Mapping[str, float] | None = None
+    ) -> tuple[float, str]:
+        """C (offloads/s) and its source for a decision now (threshold.capacity_in_force)."""
+        override = None if state.capacity is None else float(state.capacity["per_s"])
+        return threshold.capacity_in_force(override, fleet or {}, self.s.threshold)
+
     def _remember(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
         state.pending[str(obs["id"])] = [str(obs["cohort"]), float(obs["confidence"]),
                                          str(obs["reason"])]  # fmt: skip
@@ -369,6 +422,9 @@ class ControlStep:
         now = int(obs["ts"])
         out: list[Output] = []
         lag = obs.get("lag_s")
+        if obs.get("behind") is not None:
+            # Messages behind -> seconds at the capacity in force now (the override too).
+            lag = int(obs["behind"]) / self.capacity_in_force(state)[0]
         if lag is not None:
             closed = signals.observe(signals.LagObs(now, float(lag)), state.signals,
                                      self.s.signals)  # fmt: skip
@@ -391,7 +447,12 @@ class ControlStep:
         uncovered = float(state.triggers.uncovered) if state.triggers is not None else 0.0
         for r in closed:
             if r["scope"] == "FLEET":  # `edgeloop control status` reads it from here
-                r["values"]["hard_examples_uncovered"] = uncovered
+                values = r["values"]
+                values["hard_examples_uncovered"] = uncovered
+                c, source = self.capacity_in_force(state, values)
+                values["capacity_per_s"] = c
+                if source == "override":
+                    values["capacity_override_per_s"] = c
         out: list[Output] = [(SIGNALS_TOPIC, r["scope_id"], r) for r in closed]
         by_end: dict[int, list[dict[str, Any]]] = {}
         for r in closed:
@@ -408,7 +469,8 @@ class ControlStep:
                 if r["scope"] == "DEVICE" and r["scope_id"] in state.devices
             }
             if cohorts:
-                inputs = threshold.WindowInputs(end, cohorts, devices, fleet)
+                override = None if state.capacity is None else float(state.capacity["per_s"])
+                inputs = threshold.WindowInputs(end, cohorts, devices, fleet, override)
                 updates = threshold.step(inputs, state.controller, self.s.threshold,
                                          self.s.signals.buckets)  # fmt: skip
                 out.extend((THRESHOLDS_TOPIC, u["scope_id"], u) for u in updates)

@@ -5,8 +5,10 @@ the compacted `control.thresholds.v1`), offloads/s of the last closed window aga
 effective cloud budget the controller used, confidence PSI (the newest COHORT
 StreamSignal), and the release stage (the newest ModelRelease of the cohort). Fleet-wide:
 hard examples no training trigger has covered yet (`hard_examples_uncovered` of the newest
-FLEET StreamSignal, which the control step writes from its trigger state) and the last
-trigger of the model.
+FLEET StreamSignal, which the control step writes from its trigger state), the cloud
+capacity in force and where it came from (`capacity_per_s` of that signal; `override` when
+`capacity_override_per_s` is there: `edgeloop control capacity`; `measured` with a
+`teacher_capacity_per_s`; else the workers' `settings`) and the last trigger of the model.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ControlStatus:
     cohorts: dict[str, CohortStatus] = field(default_factory=dict)
     hard_since_trigger: int = 0
     last_trigger: str = "-"
+    capacity_per_s: float | None = None
+    capacity_source: str = "-"  # override | measured | settings
 
 
 async def _tail(
@@ -123,6 +127,7 @@ async def read_status(
             if s["scope"] == "FLEET" and s["window_end"] >= newest.get("", 0):
                 newest[""] = s["window_end"]
                 view.hard_since_trigger = int(s["values"].get("hard_examples_uncovered", 0))
+                view.capacity_per_s, view.capacity_source = _capacity(s["values"])
             if s["scope"] != "COHORT" or s["window_end"] < newest.get(s["scope_id"], 0):
                 continue
             newest[s["scope_id"]] = s["window_end"]
@@ -139,6 +144,16 @@ async def read_status(
     return view
 
 
+def _capacity(values: dict[str, float]) -> tuple[float | None, str]:
+    """The capacity a FLEET window was decided with, and its source."""
+    if "capacity_per_s" not in values:
+        return None, "-"  # a worker from before the capacity was recorded
+    if "capacity_override_per_s" in values:
+        return values["capacity_override_per_s"], "override"
+    source = "measured" if "teacher_capacity_per_s" in values else "settings"
+    return values["capacity_per_s"], source
+
+
 def render(view: ControlStatus) -> str:
     """The view as a table (one line per cohort, then the fleet-wide line)."""
 
@@ -153,6 +168,9 @@ def render(view: ControlStatus) -> str:
             f"{f(r.audit_rate, '.3f')}\t{f(r.offloads_per_s, '.2f')}\t"
             f"{f(r.budget_per_s, '.2f')}\t{f(r.psi, '.3f')}\t{r.release}"
         )
+    lines.append(
+        f"cloud capacity: {f(view.capacity_per_s, '.2f')} offloads/s ({view.capacity_source})"
+    )
     lines.append(
         f"hard examples since the last trigger: {view.hard_since_trigger} "
         f"(last trigger: {view.last_trigger})"

@@ -450,6 +450,9 @@ class EdgeDaemon:
             "outbox_quarantined": self.outbox.quarantined,
             "outbox_unstored": self.outbox.unstored,
             "storage_error": storage_error,
+            # Declared, not measured: the controller limits offloads by it (a measured
+            # rate depends on tau itself; docs/architecture.md, the controller's item 6).
+            "uplink_capacity_bytes_per_s": s.uplink_capacity_bytes_per_s,
         }
 
     def _status_bytes(self, state: DeviceStateName, seq: int) -> bytes:

@@ -77,6 +77,11 @@ class EdgeSettings(_Base):
     # Uplink: QoS 1 messages in flight per connection (the duplicate window on reconnect).
     publish_window: int = Field(64, ge=1, le=65535)
     status_interval_s: float = Field(30.0, gt=0)
+    # Bytes/s this device's uplink can carry (its link, as the operator knows it), reported
+    # in DeviceStatus; the threshold controller lets offloads use a share of it. None:
+    # undeclared, and the controller sets no per-device uplink limit (the cohort's tau
+    # applies). Never inferred from measured traffic: that depends on tau itself.
+    uplink_capacity_bytes_per_s: float | None = Field(None, gt=0)
     keepalive_s: int = Field(30, ge=5)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)

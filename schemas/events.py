@@ -102,6 +102,7 @@ class DeviceStatus(TypedDict):
     outbox_quarantined: int
     outbox_unstored: int
     storage_error: str | None
+    uplink_capacity_bytes_per_s: float | None
 
 
 class HardExample(TypedDict):

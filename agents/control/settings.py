@@ -83,7 +83,9 @@ class ThresholdSettings(BaseModel):
     # Latency SLO of an offloaded decision: uplink RTT + teacher verdict p99 + lag. A scope
     # that cannot meet it gets tau = 0 (audits only).
     latency_slo_ms: float = Field(2000.0, gt=0)
-    # Share of a device's measured uplink the offloads may use, and the bytes per offload.
+    # Share of a device's declared uplink capacity (DeviceStatus
+    # `uplink_capacity_bytes_per_s`) its offloads may use, and the bytes per offload. Never
+    # its measured traffic: that falls with tau and would ratchet the device to tau = 0.
     uplink_share: float = Field(0.5, gt=0, le=1)
     offload_bytes: float = Field(4096.0, gt=0)
     # What a scope runs before its first update: the edge's factory default

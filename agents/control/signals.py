@@ -124,7 +124,12 @@ class VerdictObs:
 
 @dataclass(frozen=True, slots=True)
 class StatusObs:
-    """What a window needs of one DeviceStatus."""
+    """What a window needs of one DeviceStatus.
+
+    `uplink_bytes_per_s` is the traffic the device sent (it depends on tau);
+    `uplink_capacity_bytes_per_s` is what its link can carry, as declared on the device
+    (None: undeclared; also for control-log records written before the field existed).
+    """
 
     device_id: str
     cohort: str
@@ -132,11 +137,13 @@ class StatusObs:
     rtt_ms: float | None
     uplink_bytes_per_s: float | None
     outbox_depth: int
+    uplink_capacity_bytes_per_s: float | None = None
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> StatusObs:
-        """From a decoded DeviceStatus dict."""
+        """From a decoded DeviceStatus dict (a writer without the capacity field: None)."""
         rtt, up = rec.get("rtt_ms"), rec.get("uplink_bytes_per_s")
+        cap = rec.get("uplink_capacity_bytes_per_s")
         return cls(
             device_id=str(rec["device_id"]),
             cohort=str(rec["cohort"]),
@@ -144,6 +151,7 @@ class StatusObs:
             rtt_ms=None if rtt is None else float(rtt),
             uplink_bytes_per_s=None if up is None else float(up),
             outbox_depth=int(rec["outbox_depth"]),
+            uplink_capacity_bytes_per_s=None if cap is None else float(cap),
         )
 
 
@@ -181,6 +189,10 @@ class WindowAcc:
     uplink_sum: float = 0.0
     uplink_n: int = 0
     outbox_max: int = 0
+    # The newest status's declared uplink capacity (None: it declared none) and its time;
+    # a capacity is a setting, not a sum: the newest report is the one in force.
+    capacity: float | None = None
+    capacity_ts_us: int = -1
     lag_max_s: float = 0.0
     lag_n: int = 0
 
@@ -224,6 +236,9 @@ class WindowAcc:
                 self.uplink_sum += obs.uplink_bytes_per_s
                 self.uplink_n += 1
             self.outbox_max = max(self.outbox_max, obs.outbox_depth)
+            if obs.ts_us >= self.capacity_ts_us:  # ties: the later in log order
+                self.capacity_ts_us = obs.ts_us
+                self.capacity = obs.uplink_capacity_bytes_per_s
         else:
             self.lag_max_s = max(self.lag_max_s, obs.lag_s)
             self.lag_n += 1
@@ -332,7 +347,9 @@ def tick(now_us: int, state: SignalState, settings: SignalSettings) -> list[dict
     for end, scope, scope_id, start, wkey in sorted(closing):
         acc = state.windows.pop(wkey)
         late = state.late.pop(f"{scope}|{scope_id}", 0)
-        values = window_values(acc, settings, state.references, window_us / US)
+        values = window_values(
+            acc, settings, state.references, window_us / US, per_device=scope == "DEVICE"
+        )
         values["late_dropped"] = float(late)
         out.append(
             {
@@ -358,10 +375,14 @@ def window_values(
     settings: SignalSettings,
     references: dict[str, list[float]],
     window_s: float,
+    *,
+    per_device: bool = True,
 ) -> dict[str, float]:
     """The `values` map of a closed window (see docs/architecture.md, "Control plane").
 
     May record a bootstrapped PSI reference in `references` (see the module docstring).
+    `per_device`: the window is one device's, so its declared uplink capacity is
+    meaningful (a cohort's or the fleet's newest report would be an arbitrary device's).
     """
     v: dict[str, float] = {
         "events": float(acc.events),
@@ -391,6 +412,9 @@ def window_values(
         v["uplink_bytes_per_s"] = acc.uplink_sum / acc.uplink_n
     if acc.statuses:
         v["outbox_depth"] = float(acc.outbox_max)
+        v["statuses"] = float(acc.statuses)
+        if per_device and acc.capacity is not None:
+            v["uplink_capacity_bytes_per_s"] = acc.capacity
     if acc.lag_n:
         v["offload_lag_s"] = acc.lag_max_s
     if acc.by_version:

@@ -3,8 +3,11 @@
 Once per window it reads the closed windows' COHORT and DEVICE StreamSignals and the
 fleet's capacity and lag, and chooses per cohort the tau (offload when confidence < tau)
 that maximises expected accuracy under the cloud budget, then per device a lower tau
-where the device's uplink or latency cannot carry its cohort's. docs/architecture.md
-("Control plane") has the equations; in short:
+where the device's uplink capacity or latency cannot carry its cohort's. The uplink limit
+is `uplink_share` of the capacity the device declares (DeviceStatus
+`uplink_capacity_bytes_per_s`), never its measured traffic (`uplink_bytes_per_s`): that
+falls with tau, so a limit read from it would hold a device lower each window (to 0).
+docs/architecture.md ("Control plane") has the equations; in short:
 
     C_eff = C * max(min_share, 1 - lag_s / drain_horizon_s)       cloud budget, offloads/s
     load(tau) = sum_c [ sum_{b < k_c} r_cb + a_c sum_{b >= k_c} r_cb ],   k_c = tau_c * B
@@ -75,6 +78,10 @@ class ControllerState:
     last_window_end_us: int = 0
     cohorts: dict[str, CohortState] = field(default_factory=dict)
     overrides: dict[str, DeviceOverride] = field(default_factory=dict)
+    # device -> the uplink capacity (bytes/s) its newest status declared; kept across
+    # windows with no status (the status interval may exceed the window), dropped when a
+    # status declares none. One entry per declaring device of the fleet.
+    capacities: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (the changelog value)."""
@@ -95,6 +102,7 @@ class ControllerState:
                 k: {"cohort": o.cohort, "tau": o.tau, "version": o.version}
                 for k, o in self.overrides.items()
             },
+            "capacities": dict(self.capacities),
         }
 
     @classmethod
@@ -112,7 +120,10 @@ class ControllerState:
             for k, c in data["cohorts"].items()
         }
         overrides = {k: DeviceOverride(**o) for k, o in data["overrides"].items()}
-        return cls(int(data["last_window_end_us"]), cohorts, overrides)
+        # A changelog written before capacities were kept has none: no limit until the
+        # devices' next statuses.
+        capacities = {k: float(v) for k, v in data.get("capacities", {}).items()}
+        return cls(int(data["last_window_end_us"]), cohorts, overrides, capacities)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +136,15 @@ class WindowInputs:
         devices: device id -> (its cohort, its DEVICE StreamSignal `values`).
         fleet: FLEET values: `offload_lag_s`, `verdict_latency_p99_ms` and, when the
             teacher's sustained rate is measured, `teacher_capacity_per_s`.
+        capacity_override: the cloud capacity (offloads/s) an operator set at runtime
+            (`edgeloop control capacity`); it wins over the measured rate and the setting.
     """
 
     window_end_us: int
     cohorts: Mapping[str, Mapping[str, float]]
     devices: Mapping[str, tuple[str, Mapping[str, float]]] = field(default_factory=dict)
     fleet: Mapping[str, float] = field(default_factory=dict)
+    capacity_override: float | None = None
 
 
 def _k(tau: float, buckets: int) -> int:
@@ -158,6 +172,7 @@ class _Window:
     capacity: float
     lag_s: float
     c_eff: float
+    source: str  # where the capacity came from: override, measured or settings
     new: set[str] = field(default_factory=set)
     errors: dict[str, list[float]] = field(default_factory=dict)
     caps: dict[str, int] = field(default_factory=dict)
@@ -193,10 +208,10 @@ def _observe(
 ) -> _Window:
     """Fold the window's signals into every cohort's rates, evidence and audit rate."""
     fleet = inputs.fleet
-    capacity = fleet.get("teacher_capacity_per_s", settings.cloud_capacity_per_s)
+    capacity, source = capacity_in_force(inputs.capacity_override, fleet, settings)
     lag_s = fleet.get("offload_lag_s", 0.0)
     share = max(settings.min_capacity_share, 1.0 - lag_s / settings.drain_horizon_s)
-    w = _Window(capacity, lag_s, capacity * share)
+    w = _Window(capacity, lag_s, capacity * share, source)
     for name in sorted(set(state.cohorts) | set(inputs.cohorts)):
         if name not in state.cohorts:
             state.cohorts[name] = CohortState(settings.initial_tau, settings.audit_floor)
@@ -224,6 +239,27 @@ def _observe(
     for name, c in state.cohorts.items():
         w.errors[name] = error_estimates(c.evidence, buckets, settings.pool_strength, fleet_p)
     return w
+
+
+def capacity_in_force(
+    override: float | None, fleet: Mapping[str, float], settings: ThresholdSettings
+) -> tuple[float, str]:
+    """The cloud capacity C (offloads/s) a decision uses and where it came from.
+
+    Args:
+        override: an operator's runtime value (`edgeloop control capacity`), or None.
+        fleet: the FLEET window's values (`teacher_capacity_per_s` when measured).
+        settings: `cloud_capacity_per_s`, the worker's setting.
+
+    Returns:
+        (C, "override" | "measured" | "settings"), in that order of precedence: the
+        operator knows of a change (a teacher node taken out) before any measurement.
+    """
+    if override is not None:
+        return override, "override"
+    if "teacher_capacity_per_s" in fleet:
+        return fleet["teacher_capacity_per_s"], "measured"
+    return settings.cloud_capacity_per_s, "settings"
 
 
 def _fleet_load(state: ControllerState, ks: Mapping[str, int]) -> float:
@@ -326,6 +362,7 @@ def step(
         c.version = version
         signals = {
             "capacity_per_s": w.capacity,
+            "capacity_override": 1.0 if w.source == "override" else 0.0,
             "effective_capacity_per_s": w.c_eff,
             "offload_lag_s": w.lag_s,
             "fleet_load_before_per_s": load_before,
@@ -339,7 +376,7 @@ def step(
         text = (
             f"{reason}: tau {old_tau:.2f} -> {c.tau:.2f} (target {take[n] / buckets:.2f}), "
             f"audit {old_audit:.3f} -> {c.audit_rate:.3f}; fleet load {load_before:.1f} -> "
-            f"{load_after:.1f}/s of {w.c_eff:.1f}/s (capacity {w.capacity:.1f}, "
+            f"{load_after:.1f}/s of {w.c_eff:.1f}/s (capacity {w.capacity:.1f} {w.source}, "
             f"lag {w.lag_s:.1f} s)"
         )
         out.append(
@@ -369,8 +406,10 @@ def _devices(
         if cohort is None or cohort not in state.cohorts:
             continue
         c = state.cohorts[cohort]
+        capacity = _declared_capacity(dev, values, state)
         if values:
-            tau, limit = _device_tau(values, c, inputs.fleet, settings, buckets)
+            tau, limit = _device_tau(values, c, inputs.fleet, settings, buckets,
+                                     capacity=capacity)  # fmt: skip
         elif held is not None and cohort in emitted:
             # No signals from it this window, but its cohort moved: re-assert the override.
             tau, limit = min(held.tau, c.tau), "override kept"
@@ -394,10 +433,26 @@ def _devices(
                 if k2 in values
             },
         }
+        if capacity is not None:
+            signals["uplink_capacity_bytes_per_s"] = capacity
         out.append(
             _update(("DEVICE", dev, version), tau, c.audit_rate, text, signals, settings=settings)
         )
     return out
+
+
+def _declared_capacity(
+    dev: str, values: Mapping[str, float], state: ControllerState
+) -> float | None:
+    """The uplink capacity `dev` declared in its newest status: this window's when it
+    reported (a report without one clears it), else the one remembered."""
+    if values.get("statuses", 0.0) > 0:
+        declared = values.get("uplink_capacity_bytes_per_s")
+        if declared is None:
+            state.capacities.pop(dev, None)
+        else:
+            state.capacities[dev] = declared
+    return state.capacities.get(dev)
 
 
 def _device_tau(
@@ -406,13 +461,20 @@ def _device_tau(
     fleet: Mapping[str, float],
     settings: ThresholdSettings,
     buckets: int,
+    *,
+    capacity: float | None,
 ) -> tuple[float, str]:
-    """The largest tau up to the cohort's that the device's uplink and latency allow."""
+    """The largest tau up to the cohort's that the device's uplink and latency allow.
+
+    The uplink budget is `uplink_share * capacity / offload_bytes` offloads/s, from the
+    capacity the device declared (None: no uplink limit). Its load at k offloaded
+    buckets comes from its own event rates per bucket, which do not depend on tau.
+    """
     if _latency_ms(values, fleet) > settings.latency_slo_ms:
         return 0.0, "latency SLO"
     k, limit = _k(c.tau, buckets), "none"
-    if "uplink_bytes_per_s" in values:
-        budget = values["uplink_bytes_per_s"] * settings.uplink_share / settings.offload_bytes
+    if capacity is not None:
+        budget = capacity * settings.uplink_share / settings.offload_bytes
         window_s = values.get("window_s", 1.0)
         rates = [values.get(bucket_key("conf", b), 0.0) / window_s for b in range(buckets)]
         while k > 0 and scope_load(rates, k, c.audit_rate) > budget + _EPS:

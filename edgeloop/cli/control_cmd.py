@@ -38,3 +38,36 @@ def status(model: str, signal_tail: int) -> None:
     with reachable(edgeloop_home(), kafka=bootstrap, registry=True):
         view = asyncio.run(read_status(bootstrap, RegistrySettings.load().url, model, signal_tail))
     click.echo(render(view))
+
+
+@control.command()
+@click.argument("per_s", type=float, required=False)
+@click.option("--clear", is_flag=True, help="Return to the workers' setting.")
+@click.option(
+    "--app-id",
+    default="edgeloop-agents",
+    show_default=True,
+    help="The agents' app id (their control log is <app-id>-control-log).",
+)
+def capacity(per_s: float | None, clear: bool, app_id: str) -> None:
+    """Set the cloud capacity PER_S (offloads/s the teacher sustains) the threshold
+    controller budgets with, at runtime: appended to the control log, kept in the control
+    state (a replay restores it) and used from the next window end, until another value
+    or --clear. No worker restart. `edgeloop control status` shows the capacity in force."""
+    from edgeloop.agents.context import now_us
+    from edgeloop.agents.control_app import append_to_log
+    from edgeloop.agents.control_stage import capacity as capacity_obs
+    from edgeloop.cli.fixes import reachable
+    from edgeloop.core.errors import ConfigError
+
+    if clear == (per_s is not None):
+        raise ConfigError("give either PER_S (offloads/s) or --clear")
+    try:
+        obs = capacity_obs(None if clear else per_s, now_us())
+    except ValueError as exc:
+        raise ConfigError(f"PER_S: {exc}") from exc
+    bootstrap = KafkaSettings.load().bootstrap
+    with reachable(edgeloop_home(), kafka=bootstrap):
+        asyncio.run(append_to_log(bootstrap, app_id, obs))
+    what = "the workers' setting" if clear else f"{per_s:g} offloads/s"
+    click.echo(f"cloud capacity: {what} from the next window end (app {app_id})")

@@ -42,6 +42,10 @@ def _common(fn: Any) -> Any:
         click.option("--exit-when-drained", is_flag=True,
                      help="Exit once the source is done and every event is acknowledged."),
         click.option("--metrics-port", type=int, default=None),
+        click.option("--uplink-capacity", "uplink_capacity_bytes_per_s", type=float,
+                     default=None, help="Bytes/s the device's uplink can carry, reported in "
+                     "DeviceStatus: the controller lets offloads use a share of it "
+                     "[undeclared: no per-device uplink limit]."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)

@@ -193,25 +193,13 @@ def trigger(app_id: str, request_id: str | None, detail: str) -> None:
     import asyncio
     import uuid
 
-    from aiokafka import AIOKafkaProducer
-
     from edgeloop.agents.context import now_us
-    from edgeloop.agents.control_app import LOG_KEY, control_log
-    from edgeloop.agents.control_stage import encode, manual
+    from edgeloop.agents.control_app import append_to_log
+    from edgeloop.agents.control_stage import manual
     from edgeloop.core.settings import KafkaSettings
 
     rid = request_id or f"manual-{uuid.uuid4()}"
     bootstrap = KafkaSettings.load().bootstrap
-
-    async def send() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-        await producer.start()
-        try:
-            value = encode(manual(rid, now_us(), detail))
-            await producer.send_and_wait(control_log(app_id), value, key=LOG_KEY)
-        finally:
-            await producer.stop()
-
     with reachable(edgeloop_home(), kafka=bootstrap):
-        asyncio.run(send())
+        asyncio.run(append_to_log(bootstrap, app_id, manual(rid, now_us(), detail)))
     click.echo(f"manual trigger requested: {rid} (app {app_id})")

@@ -2,7 +2,10 @@
 mid-stream. The other takes over the log and the `control` table: no threshold version is
 given two different updates, every scope's log ends on its highest version (what the
 compacted topic keeps), and every hard example is covered by exactly one training trigger
-(COUNT while streaming, then MANUAL from `edgeloop train trigger` for the rest)."""
+(COUNT while streaming, then MANUAL from `edgeloop train trigger` for the rest). An
+operator's cloud capacity (`edgeloop control capacity`, set before the stream) is in the
+control state the survivor takes over: every decision uses it, and `edgeloop control
+status` shows it as an override."""
 
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ pytestmark = pytest.mark.integration
 __all__ = ["workers"]
 
 DEVICES, CHUNKS, PER_CHUNK, HARD_PER_CHUNK = 8, 12, 10, 15
+OVERRIDE = 3.0  # offloads/s; the workers' setting is control_env's 2
 
 
 def hard_example(device: str, cohort: str, n: int) -> dict[str, Any]:
@@ -47,6 +51,25 @@ def hard_example(device: str, cohort: str, n: int) -> dict[str, Any]:
         "input_shape": [2, 2], "label": 1, "edge_prediction": 2, "confidence": 0.4,
         "reasons": ["DISAGREE"],
     }  # fmt: skip
+
+
+def versions_given_once(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Each scope's last version, after checking that no version was given two different
+    updates, that each scope's records end on its highest version, and that every cohort
+    decision used the operator's capacity. Returns scope id -> its last version."""
+    content: dict[tuple[str, int], tuple[str, float, float]] = {}
+    last: dict[str, int] = {}
+    for u in records:
+        key = (u["scope_id"], u["threshold_version"])
+        value = (u["event_id"], u["tau"], u["audit_rate"])
+        assert content.setdefault(key, value) == value, f"version {key} given two updates"
+        last[u["scope_id"]] = u["threshold_version"]
+        if u["scope"] == "COHORT":  # the override, before and after the failover
+            assert u["signals"]["capacity_per_s"] == OVERRIDE, u["reason"]
+            assert u["signals"]["capacity_override"] == 1.0
+    for scope_id, version in last.items():
+        assert version == max(v for s, v in content if s == scope_id), scope_id
+    return last
 
 
 async def test_a_killed_control_worker_loses_no_trigger_and_never_regresses_a_version(
@@ -80,6 +103,14 @@ async def test_a_killed_control_worker_loses_no_trigger_and_never_regresses_a_ve
     first.start()
     second.start()
     await asyncio.gather(first.ready(), second.ready())
+
+    # Before any event: every window the workers decide comes after it in the control log.
+    await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "edgeloop", "control", "capacity", str(OVERRIDE),
+         "--app-id", app_id],
+        env={**os.environ, "EDGELOOP_HOME": str(infra_stack.home)}, check=True, timeout=60,
+    )  # fmt: skip
 
     cohorts = (f"{prefix}-north", f"{prefix}-south")
     devices = [(f"{prefix}-{i:02d}", cohorts[i % 2]) for i in range(DEVICES)]
@@ -174,15 +205,7 @@ async def test_a_killed_control_worker_loses_no_trigger_and_never_regresses_a_ve
         bootstrap, reg, "control.thresholds.v1", key_prefix=prefix, done=lambda r: False,
         timeout_s=15,
     )  # fmt: skip
-    content: dict[tuple[str, int], tuple[str, float, float]] = {}
-    last: dict[str, int] = {}
-    for u in updates.records:
-        key = (u["scope_id"], u["threshold_version"])
-        value = (u["event_id"], u["tau"], u["audit_rate"])
-        assert content.setdefault(key, value) == value, f"version {key} given two updates"
-        last[u["scope_id"]] = u["threshold_version"]
-    for scope_id, version in last.items():
-        assert version == max(v for s, v in content if s == scope_id), scope_id
+    last = versions_given_once(updates.records)
 
     # `edgeloop control status` shows each cohort's newest version.
     shown = await asyncio.to_thread(
@@ -196,3 +219,4 @@ async def test_a_killed_control_worker_loses_no_trigger_and_never_regresses_a_ve
         if scope_id in cohorts:
             assert rows[scope_id][2] == str(version), shown.stdout
     assert "hard examples since the last trigger: " in shown.stdout, shown.stdout
+    assert f"cloud capacity: {OVERRIDE:.2f} offloads/s (override)" in shown.stdout, shown.stdout

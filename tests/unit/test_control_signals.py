@@ -181,3 +181,32 @@ def test_observations_read_the_records_the_schemas_define():
     assert offload.inclusion_prob == 1.0
     status = StatusObs.from_record(example_record(get("DeviceStatus"), seed=4))
     assert status.outbox_depth >= 0
+
+
+def test_a_device_window_carries_the_newest_declared_uplink_capacity_and_no_other_does():
+    state = SignalState(scopes=["DEVICE", "COHORT", "FLEET"])
+    # Out of order: the newest by event time wins, and a later report without one clears it.
+    obs = [
+        StatusObs("pi-1", "lab", T0 + 20 * US, 40.0, 9e3, 0, uplink_capacity_bytes_per_s=1e5),
+        StatusObs("pi-1", "lab", T0 + 10 * US, 40.0, 9e3, 0, uplink_capacity_bytes_per_s=5e4),
+        StatusObs("pi-2", "lab", T0 + 10 * US, 40.0, 9e3, 0, uplink_capacity_bytes_per_s=7e4),
+        StatusObs("pi-2", "lab", T0 + 30 * US, 40.0, 9e3, 0),
+        inference(5, device="pi-3"),
+    ]
+    run(obs, state)
+    closed = {(r["scope"], r["scope_id"]): r["values"] for r in tick(T0 + 100 * US, state, S)}
+    assert closed["DEVICE", "pi-1"]["uplink_capacity_bytes_per_s"] == 1e5
+    assert closed["DEVICE", "pi-1"]["statuses"] == 2.0
+    assert "uplink_capacity_bytes_per_s" not in closed["DEVICE", "pi-2"]
+    assert closed["DEVICE", "pi-2"]["statuses"] == 2.0
+    assert "statuses" not in closed["DEVICE", "pi-3"]  # no report: the controller keeps its own
+    for scope in (("COHORT", "lab"), ("FLEET", "fleet")):
+        assert "uplink_capacity_bytes_per_s" not in closed[scope]
+    # From the record: an older device's status has no such field.
+    from edgeloop.schemas.samples import example_record
+
+    record = example_record(get("DeviceStatus"), seed=4)
+    record.pop("uplink_capacity_bytes_per_s", None)
+    assert StatusObs.from_record(record).uplink_capacity_bytes_per_s is None
+    declared = {**record, "uplink_capacity_bytes_per_s": 2048.0}
+    assert StatusObs.from_record(declared).uplink_capacity_bytes_per_s == 2048.0

@@ -19,6 +19,7 @@ from edgeloop.agents.control_stage import (
     ControlState,
     ControlStep,
     Output,
+    capacity,
     decode,
     encode,
     manual,
@@ -267,3 +268,147 @@ def test_the_judge_promotes_a_better_canary_to_the_first_wave() -> None:
 
 def test_the_judge_waits_when_samples_are_too_few() -> None:
     assert rollout(10, 0.3, 2) == []
+
+
+def cohort_updates(out: list[Output]) -> list[dict[str, Any]]:
+    return [r for t, _, r in out if t == THRESHOLDS_TOPIC and r["scope"] == "COHORT"]
+
+
+def with_capacity(per_s: float | None, after_window: int, windows: int = 6) -> list[dict[str, Any]]:
+    """The scripted log with an operator's capacity appended after window `after_window`'s
+    closing tick (as `edgeloop control capacity` appends it)."""
+    log = scripted_log(windows)
+    ticks = [i for i, o in enumerate(log) if o["k"] == "tick"]
+    at = ticks[after_window] + 1
+    return [*log[:at], capacity(per_s, T0 + (after_window + 1) * 2 * US + 1), *log[at:]]
+
+
+def test_a_capacity_override_is_used_from_the_next_window_end() -> None:
+    # The workers' setting is 5/s (settings()); the operator halves it after window 2.
+    out = run(ControlStep(settings()), with_capacity(2.5, 2), ControlState())
+    decided = {u["threshold_version"]: u for u in cohort_updates(out)}
+    ends = sorted({v // 4 for v in decided})
+    first_after = (T0 + 3 * 2 * US) // 1000  # window 2 closed before the record
+    for version, u in decided.items():
+        overridden = version // 4 > first_after
+        assert u["signals"]["capacity_per_s"] == (2.5 if overridden else 5.0)
+        assert u["signals"]["capacity_override"] == float(overridden)
+        assert ("override" in u["reason"]) == overridden
+    # The first window after it is decided on the new budget: over it, tau forced down
+    # until the cohorts' load fits (the settling bound of a capacity cut).
+    assert any(e > first_after for e in ends)
+    cut = [u for u in decided.values() if u["threshold_version"] // 4 > first_after]
+    assert cut and all(u["reason"].startswith("over budget") for u in cut[:2])
+    assert min(u["signals"]["fleet_load_after_per_s"] for u in cut) <= 2.5
+    fleet = [r for t, _, r in out if t == SIGNALS_TOPIC and r["scope"] == "FLEET"]
+    assert [r["values"].get("capacity_override_per_s") for r in fleet][-1] == 2.5
+    assert fleet[0]["values"]["capacity_per_s"] == 5.0
+    assert "capacity_override_per_s" not in fleet[0]["values"]
+
+
+def test_a_capacity_override_survives_a_crash_and_a_replay_yields_the_same_state() -> None:
+    log, step = with_capacity(2.5, 2), ControlStep(settings())
+    cap_at = next(i for i, o in enumerate(log) if o["k"] == "cap")
+    state = ControlState()
+    first = run(step, log[: cap_at + 3], state)
+    # The changelog holds the state after the override; a successor restores it.
+    restored = snapshot(state)
+    assert restored.capacity == {"per_s": 2.5, "ts": log[cap_at]["ts"], "offset": cap_at}
+    rest = run(step, log, state, start=cap_at + 3)
+    again = run(step, log, restored, start=cap_at - 10)  # redelivered from before it
+    assert again == rest
+    assert restored.to_json() == state.to_json()
+    # The whole log replayed from nothing (a new worker, an empty changelog): same again.
+    fresh = ControlState()
+    assert run(step, log, fresh) == first + rest
+    assert fresh.to_json() == state.to_json()
+
+
+def test_clearing_the_override_returns_to_the_setting() -> None:
+    log = with_capacity(2.5, 1, windows=8)
+    ticks = [i for i, o in enumerate(log) if o["k"] == "tick"]
+    at = ticks[4] + 1
+    log = [*log[:at], capacity(None, T0 + 10 * US + 1), *log[at:]]
+    state = ControlState()
+    out = run(ControlStep(settings()), log, state)
+    assert state.capacity is None
+    fleet = [r["values"] for t, _, r in out if t == SIGNALS_TOPIC and r["scope"] == "FLEET"]
+    assert fleet[-1]["capacity_per_s"] == 5.0
+    assert "capacity_override_per_s" not in fleet[-1]
+    assert any("capacity_override_per_s" in v for v in fleet)
+
+
+def test_a_bad_capacity_is_refused_and_changes_nothing() -> None:
+    step, state = ControlStep(settings()), ControlState()
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        try:
+            capacity(bad, T0)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"capacity({bad}) accepted")
+        obs = {"k": "cap", "per_s": bad, "ts": T0}
+        try:
+            step.apply(obs, state.offset + 1, state)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"a {bad} capacity record applied")
+        assert state.capacity is None
+
+
+def test_the_offload_backlog_is_timed_at_the_capacity_in_force() -> None:
+    """Ticks carry the messages behind; the step divides by the capacity in force, so an
+    override changes the lag (seconds to drain) as well as the budget."""
+
+    def lags(log: list[dict[str, Any]]) -> tuple[set[float], list[float]]:
+        log = [tick(o["ts"], behind=300) if o["k"] == "tick" else o for o in log]
+        out = run(ControlStep(settings()), log, ControlState())
+        fleet = [r["values"] for t, _, r in out if t == SIGNALS_TOPIC and r["scope"] == "FLEET"]
+        budgets = [u["signals"]["effective_capacity_per_s"] for u in cohort_updates(out)]
+        return {v["offload_lag_s"] for v in fleet if "offload_lag_s" in v}, budgets
+
+    # 300 behind at 5/s: 60 s of a 120 s horizon, C_eff = 5 (1 - 60/120) = 2.5.
+    at_setting, budgets = lags(scripted_log(3))
+    assert at_setting == {60.0}
+    assert budgets[-1] == 2.5
+    # At an override of 10/s the same backlog drains in 30 s.
+    at_override, _ = lags([capacity(10.0, T0), *scripted_log(3)])
+    assert at_override == {30.0}
+
+
+def status(device: str, cohort: str, ts: int, capacity_bytes: float | None) -> dict[str, Any]:
+    from edgeloop.schemas.catalog import get
+    from edgeloop.schemas.samples import example_record
+
+    rec = {**example_record(get("DeviceStatus"), seed=1), "device_id": device, "cohort": cohort,
+           "ts": ts, "uplink_bytes_per_s": 10.0,
+           "uplink_capacity_bytes_per_s": capacity_bytes, "rtt_ms": 5.0}  # fmt: skip
+    obs = observation("edgeloop.v1.DeviceStatus", rec, Raw(b"", None, "s", 0, 0))
+    assert obs is not None
+    return obs
+
+
+def test_a_declared_uplink_capacity_reaches_the_controller_through_the_log() -> None:
+    """DeviceStatus -> control-log observation -> DEVICE window -> the device's override:
+    north-0 declares 8 KiB/s (half of it is one 4 KiB offload per second), north-1
+    declares none; both send almost nothing (`uplink_bytes_per_s` 10 B/s)."""
+    log = []
+    for o in scripted_log(6):
+        if o["k"] == "tick":
+            ts = int(o["ts"]) - US
+            log += [status("north-0", "north", ts, 8192.0), status("north-1", "north", ts, None)]
+        log.append(o)
+    out = run(ControlStep(settings()), log, ControlState())
+    devices = [r for t, _, r in out if t == THRESHOLDS_TOPIC and r["scope"] == "DEVICE"]
+    assert {u["scope_id"] for u in devices} == {"north-0"}
+    assert all(u["signals"]["uplink_capacity_bytes_per_s"] == 8192.0 for u in devices)
+    assert all(u["reason"].startswith("uplink budget") for u in devices)
+    # Within its budget: its offloads at the tau it was given fit in 1 offload/s.
+    signals = {(r["scope_id"], r["window_end"]): r["values"] for t, _, r in out
+               if t == SIGNALS_TOPIC and r["scope"] == "DEVICE"}  # fmt: skip
+    last = devices[-1]
+    values = next(v for (d, _), v in sorted(signals.items(), reverse=True) if d == "north-0")
+    k = round(last["tau"] * 20)
+    offloads = sum(values[f"conf_{b:02d}"] for b in range(k)) / values["window_s"]
+    assert offloads + last["audit_rate"] * (values["events_per_s"] - offloads) <= 1.0

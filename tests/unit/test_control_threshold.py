@@ -20,7 +20,7 @@ import pytest
 from edgeloop.agents.control.estimate import Evidence, error_estimates
 from edgeloop.agents.control.settings import ThresholdSettings
 from edgeloop.agents.control.signals import bucket_key
-from edgeloop.agents.control.threshold import ControllerState, WindowInputs, step
+from edgeloop.agents.control.threshold import ControllerState, WindowInputs, scope_load, step
 from edgeloop.schemas.catalog import get
 from tests.unit.control_sim import T0, US, B, W, beta_pmf, calibrated_error, standard_fleet
 
@@ -199,9 +199,12 @@ def _cohort_values(rate_per_bucket: float, *, rtt_p99_ms: float | None = None):
 def test_a_device_whose_uplink_cannot_carry_its_cohort_gets_its_own_lower_tau():
     state = ControllerState()
     cohort = _cohort_values(1.0)
-    wide = {**_cohort_values(0.5), "uplink_bytes_per_s": 1e6}
+    # Both report (statuses) and declare a capacity; pi-1's traffic is small, which is
+    # no reason to hold it lower.
+    wide = {**_cohort_values(0.5), "statuses": 1.0, "uplink_capacity_bytes_per_s": 1e6,
+            "uplink_bytes_per_s": 100.0}  # fmt: skip
     # 2 KiB/s at half share and 4 KiB per offload: 0.25 offloads/s for this device.
-    narrow = {**_cohort_values(0.5), "uplink_bytes_per_s": 2048.0}
+    narrow = {**_cohort_values(0.5), "statuses": 1.0, "uplink_capacity_bytes_per_s": 2048.0}
     end = T0 + int(W * US)
     inputs = WindowInputs(end, {"lab": cohort}, {"pi-1": ("lab", wide), "pi-2": ("lab", narrow)})
     updates = step(inputs, state, SETTINGS, B)
@@ -212,18 +215,91 @@ def test_a_device_whose_uplink_cannot_carry_its_cohort_gets_its_own_lower_tau():
     assert device["tau"] < cohort_tau
     assert device["threshold_version"] > by_scope["COHORT", "lab"]["threshold_version"]
     assert device["reason"].startswith("uplink budget")
+    assert device["signals"]["uplink_capacity_bytes_per_s"] == 2048.0
     # A window without pi-2's signals (it was quiet) leaves its override standing.
     quiet = WindowInputs(end + int(W * US), {"lab": cohort}, {"pi-1": ("lab", wide)})
     # (Re-asserted with its version above the cohort's, as the cohort's tau still moves.)
     quiet_updates = step(quiet, state, SETTINGS, B)
     assert [u["tau"] for u in quiet_updates if u["scope_id"] == "pi-2"] in ([], [device["tau"]])
     assert state.overrides["pi-2"].tau == device["tau"]
-    # The uplink recovers: the override is cleared by an update back to the cohort's tau.
-    wide2 = {**narrow, "uplink_bytes_per_s": 1e6}
+    # A larger link is declared: the override is cleared by an update back to the cohort's.
+    wide2 = {**narrow, "uplink_capacity_bytes_per_s": 1e6}
     inputs2 = WindowInputs(end + 2 * int(W * US), {"lab": cohort}, {"pi-2": ("lab", wide2)})
     cleared = [u for u in step(inputs2, state, SETTINGS, B) if u["scope"] == "DEVICE"]
     assert [(u["scope_id"], u["tau"]) for u in cleared] == [("pi-2", state.cohorts["lab"].tau)]
     assert state.overrides == {}
+
+
+DEVICE_RATE = 0.5  # events/s per bucket of one device (10/s)
+
+
+def _uplink_loop(capacity: float | None, windows: int, *, cut_at: int | None = None):
+    """A closed loop of one cohort and one device "pi-1" whose uplink traffic is what its
+    applied tau makes it send (offloads and audits of `offload_bytes` each), as the
+    device reports it in `uplink_bytes_per_s`; it declares `capacity` (or none) in a
+    status every other window. `cut_at`: from that window the cloud capacity is 5/s.
+
+    Returns per window (the cohort's tau, the device's applied tau, its offloads/s, the
+    window's DEVICE updates).
+    """
+    state = ControllerState()
+    cohort_tau, device_tau = SETTINGS.initial_tau, SETTINGS.initial_tau
+    rates = [DEVICE_RATE] * B
+    trace = []
+    for w in range(windows):
+        load = scope_load(rates, round(device_tau * B), SETTINGS.audit_floor)
+        device = {**_cohort_values(DEVICE_RATE), "uplink_bytes_per_s": load * 4096.0}
+        if w % 2 == 0:
+            device["statuses"] = 1.0
+            if capacity is not None:
+                device["uplink_capacity_bytes_per_s"] = capacity
+        fleet = {"teacher_capacity_per_s": 5.0} if cut_at is not None and w >= cut_at else {}
+        end = T0 + (w + 1) * int(W * US)
+        inputs = WindowInputs(end, {"lab": _cohort_values(1.0)}, {"pi-1": ("lab", device)},
+                              fleet)  # fmt: skip
+        updates = sorted(step(inputs, state, SETTINGS, B), key=lambda u: u["threshold_version"])
+        for u in updates:  # as the device applies them: only a newer version
+            if u["scope"] == "COHORT":
+                cohort_tau = u["tau"]
+            device_tau = u["tau"]
+        trace.append((cohort_tau, device_tau, load, [u for u in updates if u["scope"] == "DEVICE"]))
+    return trace
+
+
+def test_a_device_whose_traffic_falls_because_tau_fell_is_not_pushed_lower():
+    # The ratchet the old controller had: it read the device's measured traffic as its
+    # uplink capacity, so a device sending little (because its tau was lowered) was held
+    # lower the next window, until tau = 0. Without a declared capacity there is no
+    # per-device uplink limit, whatever the traffic.
+    trace = _uplink_loop(None, 8)
+    assert all(devices == [] for *_, devices in trace)
+    assert all(device == cohort for cohort, device, *_ in trace)
+    assert trace[-1][1] >= SETTINGS.initial_tau
+
+
+def test_a_device_without_a_declared_capacity_follows_its_cohort_down_and_up():
+    trace = _uplink_loop(None, 12, cut_at=4)
+    assert all(devices == [] for *_, devices in trace)
+    assert all(device == cohort for cohort, device, *_ in trace)
+    taus = [cohort for cohort, *_ in trace]
+    assert min(taus[4:]) < taus[3]  # the cut moved the cohort, and the device with it
+
+
+def test_a_device_with_a_small_declared_capacity_is_held_within_its_share_of_it():
+    capacity = 65_536.0  # B/s: half of it in 4 KiB offloads is 8 offloads/s
+    budget = capacity * SETTINGS.uplink_share / SETTINGS.offload_bytes
+    trace = _uplink_loop(capacity, 10)
+    device_taus = [device for _, device, *_ in trace]
+    # Held below its cohort from the first window, within the budget from the next (the
+    # first window ran on the factory tau) ...
+    assert all(device < cohort for cohort, device, *_ in trace)
+    assert max(load for *_, load, _ in trace[1:]) <= budget
+    # ... at the largest tau that fits, and not pushed lower as its traffic fell.
+    k = round(device_taus[-1] * B)
+    assert scope_load([DEVICE_RATE] * B, k + 1, SETTINGS.audit_floor) > budget
+    assert len(set(device_taus)) == 1
+    # One override, not re-sent every window (its statuses come every other window).
+    assert sum(len(devices) for *_, devices in trace) == 1
 
 
 def test_a_cohort_that_cannot_meet_the_latency_slo_only_audits():

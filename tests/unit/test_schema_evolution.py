@@ -266,3 +266,35 @@ async def test_an_evolved_message_is_decoded_strictly_and_checked_like_a_shipped
     # A fingerprint the subject does not have is still unknown.
     junk = good[:2] + b"\x00" * 8 + good[10:]
     assert await evolved_outcome(uplink, "pi-1", junk) == "unknown_fingerprint"
+
+
+def test_device_status_gains_its_uplink_capacity_compatibly() -> None:
+    """DeviceStatus `uplink_capacity_bytes_per_s` (the threshold controller's per-device
+    uplink limit) is optional with a null default: the shipped schema and the one before
+    it are FULL_TRANSITIVE compatible, so devices that do not report it keep publishing
+    and the agents read their statuses with no capacity (no per-device limit)."""
+    import copy
+    import io
+
+    from fastavro import schemaless_reader, schemaless_writer
+
+    from edgeloop.schemas.registry import compat
+    from edgeloop.schemas.samples import example_record
+
+    shipped = catalog.get("DeviceStatus")
+    before = copy.deepcopy(shipped.schema)
+    before["fields"] = [f for f in before["fields"] if f["name"] != "uplink_capacity_bytes_per_s"]
+    assert len(before["fields"]) == len(shipped.schema["fields"]) - 1
+    old, new = EventSchema(before), shipped
+    level = compat.CompatibilityLevel.FULL_TRANSITIVE
+    assert compat.check(compat.parse(new.text), [(1, compat.parse(old.text))], level) == []
+    record = example_record(old, seed=4)
+    buf = io.BytesIO()
+    schemaless_writer(buf, old.parsed, record)
+    read = schemaless_reader(io.BytesIO(buf.getvalue()), old.parsed, new.parsed)
+    assert read["uplink_capacity_bytes_per_s"] is None  # an old device: undeclared
+    newer = {**example_record(new, seed=4), "uplink_capacity_bytes_per_s": 65536.0}
+    buf = io.BytesIO()
+    schemaless_writer(buf, new.parsed, newer)
+    back = schemaless_reader(io.BytesIO(buf.getvalue()), new.parsed, old.parsed)
+    assert "uplink_capacity_bytes_per_s" not in back  # an old consumer drops it
