@@ -43,6 +43,8 @@ log = get_logger(__name__)
 
 MODEL = "digits-student"
 TEACHER = "digits-teacher"
+# `edgeloop_trainer_triggers_total{outcome}` (trainer/serve_metrics.py).
+TRIGGER_OUTCOMES = ("released", "refused", "skipped", "rejected", "failed", "interrupted")
 # The controller's and the drift trigger's PSI bound (ThresholdSettings.psi_drift).
 PSI_DRIFT = 0.25
 
@@ -397,14 +399,11 @@ class Scenario:
             return
         rec = self.begin("training", "train serve: DDP retrain, gate, sign, CANARY")
         ok = await self.until(sup, self._retrain_handled)
-        released = self.count("edgeloop_trainer_triggers_total", outcome="released") >= 1
-        why = (
-            ""
-            if released
-            else (
-                "the gate refused the retrain (see the trainer log)" if ok else "no outcome in time"
-            )
-        )
+        outcomes = {k: v for k, v in self._outcomes().items() if v}
+        released = outcomes.get("released", 0) >= 1
+        why = ""
+        if not released:
+            why = f"train serve: {outcomes} (see {sup.log_of('trainer')})" if ok else "no outcome"
         self.end(rec, ok and released, why)
         if not released:
             return
@@ -445,19 +444,18 @@ class Scenario:
         """`value`, with 0 for a series not exported (yet)."""
         return self.value(metric, **labels) or 0.0
 
+    def _outcomes(self) -> dict[str, float]:
+        """`train serve`'s handled triggers by outcome (released, refused, failed, ...)."""
+        return {
+            k: self.count("edgeloop_trainer_triggers_total", outcome=k) for k in TRIGGER_OUTCOMES
+        }
+
     def _retrain_handled(self) -> bool:
-        return any(
-            self.count("edgeloop_trainer_triggers_total", outcome=k) >= 1
-            for k in ("released", "refused", "failed")
-        )
+        return sum(self._outcomes().values()) >= 1
 
     def _training_started(self) -> bool:
         busy = self.value("edgeloop_trainer_training_in_progress") or 0
-        handled = sum(
-            self.value("edgeloop_trainer_triggers_total", outcome=k) or 0
-            for k in ("released", "refused", "failed")
-        )
-        return busy >= 1 or handled >= 1
+        return busy >= 1 or self._retrain_handled()
 
     def _stage_at_least(self, version: int) -> str | None:
         """The judge's newest step for the drifted cohort about `version` or newer."""
