@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ SUITES: dict[str, str] = {
     "teacher": "edgeloop.bench.teacher_bench",
     "agents": "edgeloop.bench.agents_bench",
     "control": "edgeloop.bench.control_bench",
+    "e2e": "edgeloop.bench.e2e_bench",
 }
 
 
@@ -47,7 +49,9 @@ def bench(suites: tuple[str, ...], out: Path, quick: bool) -> None:
     measured in the same run. Writes <out>/<suite>.json."""
     for suite in suites or tuple(SUITES):
         module = importlib.import_module(SUITES[suite])
-        result: dict[str, Any] = module.run(quick=quick)
+        # A suite that reports another's figures (e2e shows control's) reads them from `out`.
+        extra = {"out_dir": out} if "out_dir" in inspect.signature(module.run).parameters else {}
+        result: dict[str, Any] = module.run(quick=quick, **extra)
         if "rows" in result:
             columns = result.get("columns") or list(result["rows"][0])
             labels = result.get("labels", {})
