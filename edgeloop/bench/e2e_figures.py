@@ -137,7 +137,7 @@ def table_rows(per_rate: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                          delivered=f"{f['enriched']}/{f['events']}",
                          missing=f["missing"]))  # fmt: skip
         for stage, lat in f["stages"].items():
-            label = "publish -> edge.inference.v1" if stage == "bridge" else "-> enriched.v1"
+            label = "-> edge.inference.v1" if stage == "bridge" else "-> enriched.v1"
             rows.append(_row(f, f"  {stage}: {label}", lat, share=f["shares"][stage]))
         bare = f["kafka_to_bare_consumer"]
         rows.append(_row(f, "  baseline: bare Kafka consumer", bare,
