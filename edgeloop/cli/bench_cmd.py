@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ SUITES: dict[str, str] = {
     "teacher": "edgeloop.bench.teacher_bench",
     "agents": "edgeloop.bench.agents_bench",
     "control": "edgeloop.bench.control_bench",
+    "e2e": "edgeloop.bench.e2e_bench",
 }
 
 
@@ -42,12 +44,25 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, object]:
     help="Folder for the JSON results.",
 )
 @click.option("--quick", is_flag=True, help="Fewer iterations: a smoke run, not a measurement.")
-def bench(suites: tuple[str, ...], out: Path, quick: bool) -> None:
+@click.option(
+    "--kafka",
+    type=click.Choice(["tansu", "apache"]),
+    default="tansu",
+    show_default=True,
+    help="Kafka flavour of the embedded stack, for the suites that take one (e2e).",
+)
+def bench(suites: tuple[str, ...], out: Path, quick: bool, kafka: str) -> None:
     """Run benchmark SUITES (default: all) and compare each figure with a baseline
     measured in the same run. Writes <out>/<suite>.json."""
     for suite in suites or tuple(SUITES):
         module = importlib.import_module(SUITES[suite])
-        result: dict[str, Any] = module.run(quick=quick)
+        # A suite that reports another's figures (e2e shows control's) reads them from `out`;
+        # one that can run on either broker takes the flavour.
+        params = inspect.signature(module.run).parameters
+        extra: dict[str, Any] = {"out_dir": out} if "out_dir" in params else {}
+        if "kafka" in params:
+            extra["kafka"] = kafka
+        result: dict[str, Any] = module.run(quick=quick, **extra)
         if "rows" in result:
             columns = result.get("columns") or list(result["rows"][0])
             labels = result.get("labels", {})
