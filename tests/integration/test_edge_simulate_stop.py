@@ -41,20 +41,27 @@ async def test_sigterm_during_a_partition_delivers_every_outbox(
     summary = tmp_path / "summary.json"
     log = tmp_path / "fleet.log"
     with log.open("ab") as out:
-        # Every connection drops at 4 s for 8 s; the SIGTERM comes at 6 s, mid-partition,
-        # with frames taken and stored that no broker has acknowledged.
+        # Every connection drops 6 s after the devices start, for 10 s; the SIGTERM comes
+        # about 8 s after they start, mid-partition, with frames taken and stored that no
+        # broker has acknowledged.
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "edgeloop", "edge", "simulate", "--devices", "3",
              "--prefix", prefix, "--model", str(edge_models.student_v1),
              "--pubkey", str(edge_models.pubkey), "--state-dir", str(tmp_path / "fleet"),
-             "--rate", "20", "--partition-at", "4", "--partition-for", "8",
+             "--rate", "20", "--partition-at", "6", "--partition-for", "10",
              "--drain-timeout", "40", "--summary", str(summary),
             env={**os.environ, "EDGELOOP_HOME": str(infra_stack.home),
                  "EDGELOOP_EDGE_RECONNECT_MAX_S": "1"},
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        await asyncio.sleep(6)
+        # Start-up (imports, certificates, the model) takes seconds on a loaded machine;
+        # the partition is timed from when the devices start.
+        async with asyncio.timeout(120):
+            while log.read_text(errors="replace").count("edge daemon up") < 3:
+                assert proc.returncode is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(8)
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(60):
             code = await proc.wait()
