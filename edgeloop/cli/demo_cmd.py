@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,38 @@ def _cohorts(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[
     if len(names) < 2 or len(set(names)) != len(names):
         raise click.BadParameter(f"{value!r}: give at least two distinct, comma-separated names")
     return names
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """Fail before anything starts when the report cannot be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".edgeloop-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise click.UsageError(f"{option} {folder}: cannot write there ({exc.strerror})") from None
+
+
+@contextlib.contextmanager
+def _demo_lock(home: Path) -> Iterator[None]:
+    """One demo per home: a second would wipe the first's run and share its model cache."""
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / ".demo.lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise click.ClickException(
+                f"another edgeloop demo ({holder}) is running in {home}; wait for it, stop "
+                "it (Ctrl-C), or pass --home DIR for a separate one"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        yield
 
 
 @click.command()
@@ -167,18 +203,24 @@ def demo(**o: Any) -> None:
         )  # fmt: skip
     except DemoError as exc:
         raise click.UsageError(str(exc)) from None
+    _check_writable(options.reports, "--report")
     say: Any = click.echo
     console: Any = None
     if not options.headless:
+        import logging
+
         from rich.console import Console
 
         console = Console()
         say = console.print
-    try:
-        report = asyncio.run(run_scenario(options, say=say, console=console))
-    except KeyboardInterrupt:
-        click.echo("interrupted: every process was stopped", err=True)
-        raise SystemExit(130) from None
+        # The dashboard is the view; the services' own logs are in <home>/run/logs.
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    with _demo_lock(options.home):
+        try:
+            report = asyncio.run(run_scenario(options, say=say, console=console))
+        except KeyboardInterrupt:
+            click.echo("interrupted: every process was stopped (no report was written)", err=True)
+            raise SystemExit(130) from None
     outcome = report.get("scenario", {}).get("outcome", {}) if isinstance(report, dict) else {}
     click.echo(f"\nreport: {options.reports}/report.md")
     click.echo(json.dumps({k: outcome.get(k) for k in (

@@ -58,7 +58,7 @@ def _cohort_table(frame: Frame) -> Table:
     budget = _num(frame.budget_per_s, ".1f")
     t = Table(title=f"cohorts (fleet offload budget {budget}/s)", expand=True)
     for col in ("cohort", "accuracy", "by version", "frames", "offloads/s", "audits/s",
-                "tau (version)", "hard ex.", "devices", "release"):  # fmt: skip
+                "tau (version)", "uncovered (fleet)", "devices", "release"):  # fmt: skip
         t.add_column(col, justify="left" if col in ("cohort", "release", "devices") else "right")
     for c in frame.cohorts.values():
         t.add_row(*_cohort_row(c))

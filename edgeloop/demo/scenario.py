@@ -572,8 +572,31 @@ class Scenario:
                 "logged with the operator's name and kept in the release's reason).",
                 "Service settings that depart from production defaults for one host: "
                 "offload latency SLO 30 s, trainer gate p99 bound 50 ms (see service_env).",
+                f"Rollout shares: canary {self.canary_share:.2f}, waves "
+                f"{list(self.wave_shares)}, chosen for this fleet so that the drifted "
+                "cohort's canary has members and a control arm (membership is a hash of "
+                "model, version and device; with a few devices a 5% canary selects nobody).",
+                *self._bounds(),
             ],
         }
+
+    def _bounds(self) -> list[str]:
+        """What bounds the recovery, from the bootstrap report (the teacher's scores)."""
+        path = self.o.run_home / "trainer" / "runs" / "bootstrap" / "bootstrap-report.json"
+        try:
+            teacher = json.loads(path.read_text())["teacher"]["scores"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        return [
+            f"What bounds the recovery: the teacher labels the hard examples, and its own "
+            f"accuracy on the bootstrap's drifted holdout is {teacher['drifted']:.1%} "
+            f"({teacher['clean']:.1%} clean), so a retrain on its labels cannot reach more; "
+            f"one retrain sees {self.o.trigger_hard_examples} hard examples, and the gate "
+            "refuses a candidate that loses more than 2 points on clean data. The goals "
+            "(>= 80% recovered at <= 5% uploaded) are targets for the loop, not met by "
+            "this short run; the uploaded share is high because the cloud budget is far "
+            "above what this small fleet offloads, so the controller keeps tau high."
+        ]
 
 
 def rollout_shares(
