@@ -94,10 +94,14 @@ async def read_topic(
         remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
         # One deadline for the topic, short polls: a first fetch from freshly assigned
         # partitions can come back empty (measured on Tansu, loaded: nothing within 5 s,
-        # everything within 15 s), so an empty poll is no reason to stop.
+        # everything within 15 s), so an empty poll is no reason to stop. Past the
+        # reported end offsets the read goes on until two fetches in a row are empty:
+        # Tansu 0.6 reports an end below offsets it serves (multi-record batches).
         deadline = time.monotonic() + timeout_s
-        while remaining and time.monotonic() < deadline:
-            batches = await consumer.getmany(*remaining, timeout_ms=1000, max_records=5000)
+        empty = 0
+        while (remaining or empty < 2) and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            empty = 0 if any(batches.values()) else empty + 1
             for tp, records in batches.items():
                 for rec in records:
                     if rec.value:
