@@ -9,6 +9,7 @@ dedupe removes downstream, are counted separately).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -109,3 +110,23 @@ async def _caught_up(consumer: Any, ends: dict[Any, int]) -> bool:
         if await consumer.position(tp) < end:
             return False
     return True
+
+
+async def await_delivered(
+    home: Path, summary: dict[str, dict[str, Any]], *, within_s: float = 60.0
+) -> dict[str, Any]:
+    """`count_delivered` again until nothing is missing or `within_s` passed.
+
+    The devices' outboxes are empty once Mosquitto acknowledged their events; the bridge
+    may still be moving the last of them into Kafka (a drained partition's burst), so a
+    count taken at once can miss events that arrive a second later.
+
+    Returns:
+        The last count (its `missing` is what never arrived).
+    """
+    deadline = time.monotonic() + within_s
+    while True:
+        counted = await count_delivered(home, summary)
+        if counted["totals"]["missing"] == 0 or time.monotonic() >= deadline:
+            return counted
+        await asyncio.sleep(2.0)

@@ -36,7 +36,7 @@ from typing import Any
 
 from edgeloop.core.logs import get_logger
 from edgeloop.demo.bad_release import build_bad_release
-from edgeloop.demo.delivery import count_delivered
+from edgeloop.demo.delivery import await_delivered
 from edgeloop.demo.supervisor import ChildSpec, DemoError, Supervisor
 
 log = get_logger(__name__)
@@ -529,7 +529,7 @@ class Scenario:
         summary_path = self.o.run_home / "fleet-summary.json"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
-            self.outcome.delivery = await count_delivered(self.o.run_home, summary)
+            self.outcome.delivery = await await_delivered(self.o.run_home, summary)
         else:
             self.outcome.delivery = {"error": "the fleet wrote no summary (did not drain in time)"}
         # The last frames after the fleet stopped (bridge and agents finish their work).
