@@ -39,6 +39,7 @@ async def count_delivered(
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from edgeloop.agents.codec import SchemaBook
+    from edgeloop.core.errors import DecodeError
     from edgeloop.core.settings import KafkaSettings, RegistrySettings
     from edgeloop.schemas.bounded import DecodeLimits
     from edgeloop.schemas.registry.client import RegistryClient
@@ -47,6 +48,7 @@ async def count_delivered(
     registry = RegistrySettings.load(home)
     seen: dict[str, set[int]] = defaultdict(set)
     duplicates: dict[str, int] = defaultdict(int)
+    undecodable = 0
     consumer = AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap, enable_auto_commit=False, group_id=None,
         auto_offset_reset="earliest",
@@ -77,8 +79,15 @@ async def count_delivered(
                     for rec in records:
                         if rec.value is None:
                             continue
-                        await book.learn(rec.value)
-                        event = book.decode(rec.value)[1]
+                        try:
+                            await book.learn(rec.value)
+                            event = book.decode(rec.value)[1]
+                        except DecodeError:
+                            # Not an event anyone produced (bad framing, unknown schema):
+                            # the agents dead-letter such records; they are nobody's
+                            # delivery, so they are counted apart and skipped.
+                            undecodable += 1
+                            continue
                         device, _, seq = str(event["event_id"]).rpartition(":")
                         if device not in summary:
                             continue
@@ -87,6 +96,15 @@ async def count_delivered(
                         seen[device].add(int(seq))
     finally:
         await consumer.stop()
+    return _tally(summary, seen, duplicates, undecodable)
+
+
+def _tally(
+    summary: dict[str, dict[str, Any]],
+    seen: dict[str, set[int]],
+    duplicates: dict[str, int],
+    undecodable: int,
+) -> dict[str, Any]:
     devices: dict[str, dict[str, int]] = {}
     for device, facts in sorted(summary.items()):
         produced = int(facts.get("inference_events") or 0)
@@ -102,6 +120,7 @@ async def count_delivered(
         for k in ("produced", "in_kafka", "duplicates", "missing")
     }
     totals["outbox_left"] = sum(int(f.get("outbox_depth") or 0) for f in summary.values())
+    totals["undecodable_skipped"] = undecodable
     return {"devices": devices, "totals": totals}
 
 

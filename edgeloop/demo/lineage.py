@@ -24,6 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from edgeloop.agents.codec import SchemaBook
+from edgeloop.core.errors import DecodeError
 from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.registry.client import RegistryClient
 
@@ -69,8 +70,9 @@ async def read_topic(
     Returns:
         The decoded records.
 
+    Records that do not decode (foreign bytes on the topic) are skipped.
+
     Raises:
-        DecodeError: a record does not decode.
         KafkaError: the broker is unreachable.
     """
     consumer = AIOKafkaConsumer(
@@ -105,8 +107,11 @@ async def read_topic(
             for tp, records in batches.items():
                 for rec in records:
                     if rec.value:
-                        await book.learn(rec.value)
-                        out.append(book.decode(rec.value)[1])
+                        try:
+                            await book.learn(rec.value)
+                            out.append(book.decode(rec.value)[1])
+                        except DecodeError:
+                            continue  # foreign bytes on the topic: not a release of ours
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
     finally:
@@ -212,8 +217,9 @@ async def read_lineage(
     Returns:
         One entry per version (and per refused trigger), oldest first.
 
+    Records that do not decode (foreign bytes on the topic) are skipped.
+
     Raises:
-        DecodeError: a record does not decode.
         KafkaError: the broker is unreachable.
     """
     async with RegistryClient(registry_url) as registry:
