@@ -70,16 +70,28 @@ class DriftSchedule:
 
 
 class Drifter:
-    """Applies the cohort's current severity to frames; cached per (severity, frame)."""
+    """Applies the cohort's current severity to frames; cached per (severity, frame).
+
+    The schedule's clock starts at the device's first frame, not when the simulator is
+    built: loading a model and connecting take seconds on a loaded host, and a clock
+    started earlier would cut the clean time before a drift by that much (a demo on a
+    busy CI machine saw the drift begin before the control plane had a reference).
+    """
 
     def __init__(self, schedule: DriftSchedule, cohort: str, seed: int) -> None:
         self.schedule = schedule
         self.cohort = cohort
         self.seed = seed
-        self.start = time.monotonic()
+        self.start: float | None = None
+
+    def elapsed(self) -> float:
+        """Seconds since this device's first frame (0 before it)."""
+        return 0.0 if self.start is None else time.monotonic() - self.start
 
     def __call__(self, images: npt.NDArray[np.float32], i: int) -> npt.NDArray[np.float32]:
-        severity = self.schedule.severity(self.cohort, time.monotonic() - self.start)
+        if self.start is None:
+            self.start = time.monotonic()
+        severity = self.schedule.severity(self.cohort, self.elapsed())
         if severity <= 0:
             return images
         from edgeloop.tasks.drift import DriftConfig, apply_drift  # scipy: only when drifting

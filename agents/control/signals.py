@@ -19,8 +19,14 @@ PSI reference: the confidence histogram the serving model version showed when it
 released, keyed by model version in `SignalState.references`. It is kept in the table's
 changelog and is meant to be published with the release on a compacted topic keyed by
 `<model>:<version>` (so a restart or a new worker keeps it); when none was recorded, the
-first window of that version with `reference_min_events` events becomes it (values carry
-`psi_reference_bootstrapped = 1` then). A window is compared with the reference of the
+version's first `reference_min_events` events become it: the confidence histograms of the
+closed windows of the aggregator's widest scope (FLEET, else COHORT, else DEVICE) whose
+majority version it is are summed until they hold that many events (the window that
+completes it carries `psi_reference_bootstrapped = 1`). Summing over windows, not waiting
+for one window with that many events, is what lets a small or slow fleet get a reference
+at all: 12 devices at 5 Hz make 240 events per 4 s window, and a fleet that is still
+loading its models makes fewer, so a one-window rule could wait past the drift it is meant
+to detect and take a drifted reference. A window is compared with the reference of the
 model version that produced most of its events (`psi_model_version`).
 """
 
@@ -261,6 +267,8 @@ class SignalState:
     late: dict[str, int] = field(default_factory=dict)  # scope key -> late, not yet reported
     late_total: int = 0
     references: dict[str, list[float]] = field(default_factory=dict)  # version -> histogram
+    # version -> the histogram summed so far, for a version without a reference yet
+    pending_references: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (the changelog value)."""
@@ -278,6 +286,8 @@ class SignalState:
             late=dict(data["late"]),
             late_total=int(data["late_total"]),
             references={k: list(v) for k, v in data["references"].items()},
+            # Absent from changelogs written before references were summed over windows.
+            pending_references={k: list(v) for k, v in data.get("pending_references", {}).items()},
         )
 
 
@@ -344,12 +354,22 @@ def tick(now_us: int, state: SignalState, settings: SignalSettings) -> list[dict
         else:
             state.next_close_us = min(state.next_close_us, close)
     out = []
-    for end, scope, scope_id, start, wkey in sorted(closing):
+    widest = _widest(state.scopes)
+    # The widest scope's windows are evaluated first within one window end, so that the
+    # window completing a bootstrapped reference gives the narrower scopes of the same end
+    # their PSI too; the records still come out in (window_end, scope, scope_id) order.
+    for end, _, scope, scope_id, start, wkey in sorted(
+        (end, scope != widest, scope, scope_id, start, wkey)
+        for end, scope, scope_id, start, wkey in closing
+    ):
         acc = state.windows.pop(wkey)
         late = state.late.pop(f"{scope}|{scope_id}", 0)
+        bootstrapped = scope == widest and _feed_reference(acc, state, settings)
         values = window_values(
             acc, settings, state.references, window_us / US, per_device=scope == "DEVICE"
         )
+        if bootstrapped:
+            values["psi_reference_bootstrapped"] = 1.0
         values["late_dropped"] = float(late)
         out.append(
             {
@@ -363,7 +383,35 @@ def tick(now_us: int, state: SignalState, settings: SignalSettings) -> list[dict
                 "sample_count": acc.sample_count,
             }
         )
+    out.sort(key=lambda r: (r["window_end"], r["scope"], r["scope_id"]))
     return out
+
+
+def _widest(scopes: Iterable[str]) -> str | None:
+    present = [s for s in SCOPES if s in scopes]
+    return present[-1] if present else None
+
+
+def _majority_version(acc: WindowAcc) -> str | None:
+    # The most frequent version; ties go to the newer one (deterministic).
+    if not acc.by_version:
+        return None
+    return max(acc.by_version, key=lambda k: (acc.by_version[k], int(k)))
+
+
+def _feed_reference(acc: WindowAcc, state: SignalState, settings: SignalSettings) -> bool:
+    """Add a closed window's confidences to its version's pending reference; True when
+    that completes the reference (it then moves to `state.references`)."""
+    version = _majority_version(acc)
+    if version is None or version in state.references or not acc.events:
+        return False
+    pending = state.pending_references.setdefault(version, [0.0] * len(acc.conf))
+    for b, c in enumerate(acc.conf):
+        pending[b] += c
+    if sum(pending) < settings.reference_min_events:
+        return False
+    state.references[version] = state.pending_references.pop(version)
+    return True
 
 
 def _rate(num: float, den: float) -> float:
@@ -380,7 +428,8 @@ def window_values(
 ) -> dict[str, float]:
     """The `values` map of a closed window (see docs/architecture.md, "Control plane").
 
-    May record a bootstrapped PSI reference in `references` (see the module docstring).
+    Reads the PSI reference of the window's majority version from `references` (see the
+    module docstring for how one is recorded).
     `per_device`: the window is one device's, so its declared uplink capacity is
     meaningful (a cohort's or the fleet's newest report would be an arbitrary device's).
     """
@@ -417,13 +466,9 @@ def window_values(
             v["uplink_capacity_bytes_per_s"] = acc.capacity
     if acc.lag_n:
         v["offload_lag_s"] = acc.lag_max_s
-    if acc.by_version:
-        # The most frequent version; ties go to the newer one (deterministic).
-        version = max(acc.by_version, key=lambda k: (acc.by_version[k], int(k)))
+    version = _majority_version(acc)
+    if version is not None:
         ref = references.get(version)
-        if ref is None and acc.events >= settings.reference_min_events:
-            ref = references[version] = [float(c) for c in acc.conf]
-            v["psi_reference_bootstrapped"] = 1.0
         v["psi_model_version"] = float(version)
         if ref is not None:
             value = psi(acc.conf, ref, settings.psi_epsilon)

@@ -269,7 +269,7 @@ def _set_drift(sim: FleetSimulator, cohort: str, severity: float) -> None:
     for d in sim.daemons:
         drifter = getattr(d.source, "transform", None)
         if isinstance(drifter, Drifter) and drifter.cohort == cohort:
-            at = time.monotonic() - drifter.start
+            at = drifter.elapsed()
             drifter.schedule = DriftSchedule({cohort: (DriftStep(at, severity),)})
 
 

@@ -177,7 +177,8 @@ def run(*, device_id: str, cert: Path | None, key: Path | None, ca: Path | None,
 @click.option("--prefix", default="sim", show_default=True, help="Device ids: <prefix>-0000...")
 @click.option("--cohorts", default="default", show_default=True, help="Comma-separated.")
 @click.option("--drift-schedule", multiple=True,
-              help="cohort:at_s=severity[,at_s=severity]; repeatable.")  # fmt: skip
+              help="cohort:at_s=severity[,at_s=severity]; repeatable. at_s counts "
+                   "from each device's first frame.")  # fmt: skip
 @click.option("--partition-at", type=float, default=None, help="Drop every connection at S s...")
 @click.option("--partition-for", type=float, default=10.0, show_default=True, help="...for S s.")
 @click.option("--latency-ms", type=float, default=0.0, show_default=True)

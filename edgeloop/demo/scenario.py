@@ -383,12 +383,21 @@ class Scenario:
 
         rec = self.begin("drift", f"cohort {o.drifted} drifts (severity {o.drift_severity})")
         version_before = self.count("edgeloop_control_threshold_version", cohort=o.drifted)
-        self.end(rec, True)
+        # A PSI is exported once the control plane has v1's reference histogram; without
+        # one before the drift, the drifted windows would become the reference.
+        referenced = self.value("edgeloop_control_psi", cohort=o.drifted) is not None
+        self.end(rec, True, "" if referenced else "no PSI reference yet when the drift began")
         rec = self.begin("react", f"waiting for a new tau for {o.drifted}")
         ok = await self.until(sup, lambda: self._reacted(version_before))
         tau = self.value("edgeloop_control_tau", cohort=o.drifted)
         psi = self.value("edgeloop_control_psi", cohort=o.drifted)
-        self.end(rec, ok, f"PSI {psi:.2f}, tau {tau:.2f}" if tau is not None and psi else "")
+        shown = f"PSI {psi:.2f}, tau {tau:.2f}" if tau is not None and psi is not None else ""
+        if not ok and not referenced:
+            shown += (
+                " (the control plane had no PSI reference for v1 when the drift began: "
+                "the fleet made too few events in the steady phase; raise --steady)"
+            )
+        self.end(rec, ok, shown.strip())
 
         rec = self.begin(
             "hard", f"hard examples until a retrain triggers ({o.trigger_hard_examples})"

@@ -142,8 +142,8 @@ async def test_every_metric_the_dashboard_queries_is_exported(
         await admin.close()
 
     app_id = f"agents-{prefix}"
-    # PSI needs a reference histogram: the first window of a model version with
-    # `reference_min_events` events (500 by default: minutes of this small fleet).
+    # PSI needs a reference histogram: a model version's first `reference_min_events`
+    # events (500 by default: minutes of this small fleet).
     env = control_env(EDGELOOP_CONTROL_SIGNALS__REFERENCE_MIN_EVENTS="20")
     worker = AgentsProcess(home, app_id, tmp_path / "agents.log", **worker_env(edge_models, **env))
     workers.append(worker)

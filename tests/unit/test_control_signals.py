@@ -210,3 +210,51 @@ def test_a_device_window_carries_the_newest_declared_uplink_capacity_and_no_othe
     assert StatusObs.from_record(record).uplink_capacity_bytes_per_s is None
     declared = {**record, "uplink_capacity_bytes_per_s": 2048.0}
     assert StatusObs.from_record(declared).uplink_capacity_bytes_per_s == 2048.0
+
+
+def test_a_slow_fleet_gets_a_reference_from_its_first_windows_and_then_sees_the_drift():
+    # 600 events per 60 s window, reference_min_events 1500: no single window is enough.
+    # The first three windows (1800 events) of v3 become the reference, and a cohort whose
+    # confidence then shifts shows a PSI over 0.25 while the clean one stays under it.
+    settings = S.model_copy(update={"reference_min_events": 1500})
+    rng = np.random.default_rng(7)
+    state = SignalState(scopes=["COHORT", "FLEET"])
+    out = []
+    for k in range(8):
+        for i in range(300):
+            t = k * 60 + i * 0.2
+            north = rng.beta(6, 1.5)
+            south = rng.beta(2, 2) if k >= 5 else rng.beta(6, 1.5)
+            for o in (
+                inference(t, cohort="north", conf=float(north)),
+                inference(t + 0.1, cohort="south", conf=float(south)),
+            ):
+                out.extend(observe(o, state, settings))
+    out += tick(T0 + 2000 * US, state, settings)
+    fleet = [
+        r["values"].get("psi_reference_bootstrapped", 0.0) for r in out if r["scope"] == "FLEET"
+    ]
+    assert fleet[:4] == [0.0, 0.0, 1.0, 0.0]
+    cohort = {
+        (r["scope_id"], r["window_start"]): r["values"] for r in out if r["scope"] == "COHORT"
+    }
+
+    def psi_of(name: str, windows: range) -> list[float]:
+        return [cohort[(name, T0 + k * 60 * US)]["confidence_psi"] for k in windows]
+
+    assert max(psi_of("south", range(2, 5))) < 0.25 < min(psi_of("south", range(5, 8)))
+    assert max(psi_of("north", range(2, 8))) < 0.25
+    # No PSI before the reference exists: nothing to compare with.
+    assert "confidence_psi" not in cohort[("south", T0 + 60 * US)]
+
+
+def test_a_reference_being_summed_survives_a_restore_from_the_changelog():
+    state = SignalState(scopes=["FLEET"])
+    run([inference(i * 1.0, conf=0.9) for i in range(60)], state)
+    tick(T0 + 100 * US, state, S)
+    assert state.pending_references["3"] and not state.references
+    restored = SignalState.from_json(state.to_json())
+    run([inference(120 + i * 1.0, conf=0.9) for i in range(50)], restored)
+    (rec,) = tick(T0 + 300 * US, restored, S)
+    assert rec["values"]["psi_reference_bootstrapped"] == 1.0
+    assert sum(restored.references["3"]) == 110

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgeloop.core.errors import ConfigError
-from edgeloop.edge.simulator import DriftSchedule
+from edgeloop.edge.simulator import Drifter, DriftSchedule
 from edgeloop.edge.source import ArraySource, DirectorySource, Frame, FrameQueue
 from edgeloop.edge.uplink import backoff_s
 
@@ -80,3 +80,20 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     late = [backoff_s(20, 0.5, 30, rng) for _ in range(100)]
     assert all(15 <= b <= 30 for b in late)
     assert len(set(late)) > 50  # jittered: a fleet does not reconnect in lockstep
+
+
+def test_a_drift_schedule_counts_from_the_first_frame_not_from_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edgeloop.edge import simulator
+
+    clock = [100.0]
+    monkeypatch.setattr(simulator.time, "monotonic", lambda: clock[0])
+    drifter = Drifter(DriftSchedule.parse(["c:3=0.8"]), "c", seed=0)
+    frame = np.random.default_rng(0).random((1, 28, 28)).astype(np.float32)
+    clock[0] = 106.0  # 6 s of loading the model and connecting before the first frame
+    assert np.array_equal(drifter(frame, 0), frame)  # the first frame is clean
+    clock[0] = 108.0
+    assert np.array_equal(drifter(frame, 1), frame)  # 2 s after it: still clean
+    clock[0] = 109.5
+    assert not np.array_equal(drifter(frame, 2), frame)  # 3.5 s after it: drifted
