@@ -230,7 +230,6 @@ def release(
 
     # `train serve`'s settings: the same trainer home, keys, topic, base URL and the
     # judge's canary share (EDGELOOP_CONTROL_JUDGE__CANARY_SHARE).
-    # (`home` is not passed to `load`: its first parameter of that name is $EDGELOOP_HOME.)
     overrides: dict[str, Any] = {}
     if artifact_base_url is not None:
         overrides["artifact_base_url"] = artifact_base_url

@@ -34,9 +34,17 @@ class _Base(BaseSettings):
     )
 
     @classmethod
-    def load(cls, home: Path | None = None, **overrides: Any) -> Any:
-        """Environment first, then the endpoints file, then defaults; overrides win."""
-        env_file = endpoints_file(home or edgeloop_home())
+    def load(cls, edgeloop_home_dir: Path | None = None, /, **overrides: Any) -> Any:
+        """Environment first, then the endpoints file, then defaults; overrides win.
+
+        Args:
+            edgeloop_home_dir: where the endpoints file is ($EDGELOOP_HOME when None);
+                positional only, so a settings field named `home` (the trainer's) can be
+                passed as an override (it used to bind here, and `train serve --out DIR`
+                silently used the default trainer home).
+            overrides: field values that win over the environment and the file.
+        """
+        env_file = endpoints_file(edgeloop_home_dir or edgeloop_home())
         return cls(_env_file=env_file if env_file.exists() else None, **overrides)
 
 
