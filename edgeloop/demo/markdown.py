@@ -89,6 +89,21 @@ PLOT_TEXT = {
 }
 
 
+def _why(e: Mapping[str, Any]) -> str:
+    """The lineage row's reason: the trigger's, else an operator's release (who, and the
+    gate override's reason when the gate was overridden)."""
+    if e.get("trigger_reason"):
+        return str(e["trigger_reason"])
+    for step in e["steps"]:
+        reason = step.get("reason")
+        if isinstance(reason, dict) and "operator" in reason:
+            who = f"operator {reason['operator']}"
+            if reason.get("gate") == "overridden":
+                return f"{who}, gate overridden: {reason.get('override', '')}".rstrip(": ")
+            return f"{who}, gate passed" if reason.get("gate") == "passed" else who
+    return "-"
+
+
 def _lineage(r: Mapping[str, Any]) -> list[str]:
     out = ["## Lineage of each release", "",
            "| version | parent | trigger | reason | offset ranges | training run | "
@@ -103,7 +118,7 @@ def _lineage(r: Mapping[str, Any]) -> list[str]:
         )
         out.append(
             f"| v{e['version']} | v{e['parent_version']} | {e['trigger_id'] or '-'} | "
-            f"{e['trigger_reason'] or '-'} | {ranges} | {e['training_run'] or '-'} | "
+            f"{_why(e)} | {ranges} | {e['training_run'] or '-'} | "
             f"`{e['manifest_sha256'][:16]}…` | {steps} |"
         )
     if not r["lineage"]:

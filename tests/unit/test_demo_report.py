@@ -104,7 +104,17 @@ async def test_report_directory_holds_every_file_and_figure(tmp_path: Path) -> N
                     "reason": {"trigger_id": "trig-7f3a"}},
                    {"stage": "FULL", "wave": 0, "cohort": "drifted", "share": 1.0, "ts": 2,
                     "reason": {"step": "full"}}],
-        )
+        ),
+        # An operator's release with the gate overridden: no trigger, the reason is the
+        # operator's (the demo's bad v3 showed "-" here).
+        ReleaseLineage(
+            model="digits-student", version=3, parent_version=2, trigger_id=None,
+            trigger_reason=None, offset_ranges={}, training_run=None, manifest_sha256=SHA,
+            artifact_url="http://127.0.0.1/digits-student/3/",
+            steps=[{"stage": "CANARY", "wave": 0, "cohort": "drifted", "share": 0.7, "ts": 3,
+                    "reason": {"operator": "ada", "gate": "overridden",
+                               "override": "demo bad release"}}],
+        ),
     ]  # fmt: skip
     note = "v3 went out with the operator override `--skip-gate` (logged)"
     scenario = {"drifted": "drifted", "drift_at_s": 20.0, "devices": 6, "notes": [note]}
@@ -141,7 +151,7 @@ async def test_report_directory_holds_every_file_and_figure(tmp_path: Path) -> N
     for text in ("75.0%", "90.0%", "50.0%", "80.0%", "15.0%", "trig-7f3a", "DRIFT",
                  "ml.hard-examples.v1/0 0..149", "runs/retrain-trig-7f3a", SHA[:16],
                  "drifted CANARY 0.05", "--skip-gate", "![latency.png](latency.png)",
-                 "bucket"):  # fmt: skip
+                 "bucket", "operator ada, gate overridden: demo bad release"):  # fmt: skip
         assert text in md, text
 
 
