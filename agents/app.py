@@ -26,6 +26,7 @@ device's events recovers exactly that device's state after a rebalance.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -226,6 +227,7 @@ class Stages:
                 dlq_payload_bytes=self.s.dlq_payload_bytes,
             )  # fmt: skip
         step, batcher = self._verdicts, ctx.teacher.batcher
+        started = time.monotonic()
         await ctx.learn(batch)
         seen = self.tables["dedupe-offload"]
         dedupe = self.dedupe["dedupe-offload"]
@@ -239,6 +241,9 @@ class Stages:
         await ctx.produce(result.outputs)
         dedupe.acked()
         _write_back(seen, dedupe)
+        # Busy from taking the batch to its outputs acknowledged: what one more offload
+        # costs this stage (the wait for the next batch is idle time, not counted).
+        ctx.teacher_rate.record(len(batch), started, time.monotonic())
         self.metrics.record("verdicts", result)
 
 

@@ -23,6 +23,7 @@ from edgeloop.agents.enrich_stage import ENRICHED, ENRICHED_TOPIC, INFERENCE
 from edgeloop.agents.metrics import AgentMetrics
 from edgeloop.agents.records import Out, Raw, StepResult
 from edgeloop.agents.settings import AgentsSettings
+from edgeloop.agents.teacher_rate import TeacherRate
 from edgeloop.agents.verdict_stage import HARD_EXAMPLES, OFFLOAD, VERDICTS
 from edgeloop.core.errors import DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
@@ -63,6 +64,8 @@ class Context:
     book: SchemaBook | None = None
     teacher: Teacher | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # The verdict stage's offloads per busy second (the control step's measured capacity)
+    teacher_rate: TeacherRate = field(default_factory=TeacherRate)
     _registry: RegistryClient | None = None
     _progress: dict[Any, tuple[int | None, float]] = field(default_factory=dict)
 

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +62,9 @@ SOURCES = (
 )
 STATE_KEY = b"control"
 LOG_KEY = b"control"
+# Names this worker's teacher measurement in the control log (a restarted worker is a new
+# one; the old entry goes stale).
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 OUTPUT_SCHEMAS = {
     SIGNALS_TOPIC: "StreamSignal",
     THRESHOLDS_TOPIC: "ThresholdUpdate",
@@ -119,6 +125,21 @@ class ControlMetrics:
             registry=r,
         )
         self.psi = Gauge("edgeloop_control_psi", "Confidence PSI", ["cohort"], registry=r)
+        self.teacher_rate = Gauge(
+            "edgeloop_control_teacher_rate_per_s",
+            "The workers' teacher rate, offloads per busy second (summed)",
+            registry=r,
+        )
+        self.teacher_busy = Gauge(
+            "edgeloop_control_teacher_busy_share",
+            "Share of the span the least busy worker's verdict stage was busy",
+            registry=r,
+        )
+        self.capacity_measured = Gauge(
+            "edgeloop_control_capacity_measured",
+            "1 while the capacity in force is the teacher's measured one",
+            registry=r,
+        )
         self.hard = Gauge(
             "edgeloop_control_hard_examples_since_trigger",
             "Hard examples not yet covered by a trigger",
@@ -152,6 +173,13 @@ class ControlMetrics:
                 if rec["scope"] == "FLEET" and "capacity_per_s" in values:
                     self.capacity.set(values["capacity_per_s"])
                     self.capacity_override.set("capacity_override_per_s" in values)
+                    self.capacity_measured.set(
+                        "capacity_override_per_s" not in values
+                        and "teacher_capacity_per_s" in values
+                    )
+                if rec["scope"] == "FLEET" and "teacher_rate_per_s" in values:
+                    self.teacher_rate.set(values["teacher_rate_per_s"])
+                    self.teacher_busy.set(values["teacher_busy"])
             elif topic == THRESHOLDS_TOPIC and rec["scope"] == "COHORT":
                 self.tau.labels(rec["scope_id"]).set(rec["tau"])
                 self.version.labels(rec["scope_id"]).set(rec["threshold_version"])
@@ -218,7 +246,8 @@ class ControlAgents:
         if not self.ctx.ready.is_set():
             return
         try:
-            obs = tick(now_us(), behind=self.offload_behind())
+            teacher = self.ctx.teacher_rate.measure(time.monotonic())
+            obs = tick(now_us(), behind=self.offload_behind(), worker=WORKER_ID, teacher=teacher)
             await self.ctx.produce([Out(self.log_topic, LOG_KEY, encode(obs))])
         except Exception:
             log.warning("control tick not appended", exc_info=True)

@@ -31,6 +31,7 @@ from typing import Any
 from edgeloop.agents.control import judge, signals, threshold, triggers
 from edgeloop.agents.control.settings import ControlSettings
 from edgeloop.agents.records import Raw
+from edgeloop.agents.teacher_rate import RateSample
 
 SIGNALS_TOPIC = "ml.signals.v1"
 THRESHOLDS_TOPIC = "control.thresholds.v1"
@@ -111,7 +112,14 @@ def _fields(obs: signals.InferenceObs | signals.StatusObs) -> dict[str, Any]:
     return {name: getattr(obs, name) for name in obs.__slots__}
 
 
-def tick(now_us: int, lag_s: float | None = None, *, behind: int | None = None) -> dict[str, Any]:
+def tick(
+    now_us: int,
+    lag_s: float | None = None,
+    *,
+    behind: int | None = None,
+    worker: str | None = None,
+    teacher: RateSample | None = None,
+) -> dict[str, Any]:
     """A clock tick for the control log (closes windows of an idle stream).
 
     Args:
@@ -120,6 +128,10 @@ def tick(now_us: int, lag_s: float | None = None, *, behind: int | None = None) 
         behind: the offload backlog in messages, as the worker measured it; the control
             step turns it into seconds at the capacity in force when it applies the tick,
             so a runtime capacity change (`edgeloop control capacity`) counts there too.
+        worker: the worker's id (host:pid), naming its `teacher` measurement.
+        teacher: the worker's verdict stage rates (offloads per busy second and per
+            second) and busy share over the last span (`agents.teacher_rate`); None: no
+            verdicts ran in the span.
 
     Returns:
         The observation.
@@ -127,6 +139,11 @@ def tick(now_us: int, lag_s: float | None = None, *, behind: int | None = None) 
     obs: dict[str, Any] = {"k": "tick", "ts": now_us, "lag_s": lag_s}
     if behind is not None:
         obs["behind"] = behind
+    if worker is not None and teacher is not None:
+        obs["worker"] = worker
+        obs["teacher_per_s"] = teacher.per_s
+        obs["teacher_wall_per_s"] = teacher.wall_per_s
+        obs["teacher_busy"] = teacher.busy
     return obs
 
 
@@ -189,6 +206,11 @@ class ControlState:
     # The operator's cloud capacity override in force: {"per_s", "ts" (requested),
     # "offset" (its control-log record)}; None: the setting (or a measured rate).
     capacity: dict[str, Any] | None = None
+    # worker id -> its newest teacher measurement {"per_s", "busy", "ts"} (from its ticks)
+    teachers: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The fleet's teacher capacity as last measured saturated: {"per_s", "ts"}; None:
+    # never saturated yet (the setting stands in).
+    teacher_capacity: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (the changelog value)."""
@@ -206,6 +228,8 @@ class ControlState:
             "rollouts": self.rollouts,
             "rollouts_unparented": self.rollouts_unparented,
             "capacity": self.capacity,
+            "teachers": self.teachers,
+            "teacher_capacity": self.teacher_capacity,
         }
 
     @classmethod
@@ -227,6 +251,9 @@ class ControlState:
             rollouts_unparented=int(data["rollouts_unparented"]),
             # Absent from a changelog written before overrides existed: none.
             capacity=data.get("capacity"),
+            # Absent from a changelog written before capacity was measured: none yet.
+            teachers=dict(data.get("teachers") or {}),
+            teacher_capacity=data.get("teacher_capacity"),
         )
 
 
@@ -373,7 +400,65 @@ class ControlStep:
     ) -> tuple[float, str]:
         """C (offloads/s) and its source for a decision now (threshold.capacity_in_force)."""
         override = None if state.capacity is None else float(state.capacity["per_s"])
-        return threshold.capacity_in_force(override, fleet or {}, self.s.threshold)
+        if fleet is None:
+            fleet = {}
+            if state.teacher_capacity is not None:
+                fleet = {"teacher_capacity_per_s": float(state.teacher_capacity["per_s"])}
+        return threshold.capacity_in_force(override, fleet, self.s.threshold)
+
+    def _measure_teachers(self, end_us: int, state: ControlState) -> dict[str, float]:
+        """The fleet's teacher rate at a window end, and the capacity it implies.
+
+        The setting `cloud_capacity_per_s` is what the teacher is assumed to sustain and
+        also the most the cloud may spend; a measurement only ever lowers it. A worker
+        is fresh when its newest tick is at most `measured_stale_s` old. When every
+        fresh worker is saturated (busy at least `measured_min_busy` of its span, with at
+        least `measured_min_backlog` offloads waiting on its partitions), the sum of
+        their offloads per second is the teacher's capacity: below the setting it is
+        remembered and used, down as well as up. Not saturated, the sum of offloads per
+        busy second is a lower bound (see `agents.teacher_rate`): above the remembered
+        capacity it replaces it (a teacher that got faster, a worker added). Either one
+        at or above the setting clears the measurement, and the setting stands again.
+        An operator's override wins over both (`threshold.capacity_in_force`).
+
+        Returns:
+            FLEET values: `teacher_rate_per_s` (per busy second, summed), `teacher_busy`
+            (the least busy fresh worker's share), `teacher_workers`, and
+            `teacher_capacity_per_s` once measured.
+        """
+        ts = self.s.threshold
+        fresh = {
+            w: m for w, m in state.teachers.items()
+            if end_us - int(m["ts"]) <= ts.measured_stale_s * 1e6
+        }  # fmt: skip
+        for w in [w for w in state.teachers if w not in fresh]:
+            del state.teachers[w]  # a stopped (or restarted) worker's last words
+        out: dict[str, float] = {}
+        if fresh:
+            rate = sum(float(m["per_s"]) for m in fresh.values())
+            busy = min(float(m["busy"]) for m in fresh.values())
+            out = {"teacher_rate_per_s": rate, "teacher_busy": busy,
+                   "teacher_workers": float(len(fresh))}  # fmt: skip
+            saturated = all(
+                float(m["busy"]) >= ts.measured_min_busy
+                and float(m.get("behind", 0.0)) >= ts.measured_min_backlog
+                for m in fresh.values()
+            )
+            known = state.teacher_capacity
+            measured: float | None = None
+            if saturated:
+                measured = max(sum(float(m.get("wall_per_s", 0.0)) for m in fresh.values()), 1e-3)
+            elif known is not None and rate > known["per_s"]:
+                measured = rate  # proven since: the teacher does at least this much now
+            if measured is not None:
+                # The setting is also the operator's ceiling (what the cloud may spend):
+                # a measurement at or above it hands the decision back to the setting.
+                below = measured < ts.cloud_capacity_per_s
+                state.teacher_capacity = {"per_s": measured, "ts": float(end_us)} if below else None
+            out["teacher_saturated"] = float(saturated)
+        if state.teacher_capacity is not None:
+            out["teacher_capacity_per_s"] = float(state.teacher_capacity["per_s"])
+        return out
 
     def _remember(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
         state.pending[str(obs["id"])] = [str(obs["cohort"]), float(obs["confidence"]),
@@ -422,6 +507,14 @@ class ControlStep:
         now = int(obs["ts"])
         out: list[Output] = []
         lag = obs.get("lag_s")
+        if obs.get("worker") is not None and obs.get("teacher_per_s") is not None:
+            state.teachers[str(obs["worker"])] = {
+                "per_s": float(obs["teacher_per_s"]),
+                "wall_per_s": float(obs.get("teacher_wall_per_s", 0.0)),
+                "busy": float(obs["teacher_busy"]),
+                "behind": float(obs.get("behind") or 0),
+                "ts": float(now),
+            }
         if obs.get("behind") is not None:
             # Messages behind -> seconds at the capacity in force now (the override too).
             lag = int(obs["behind"]) / self.capacity_in_force(state)[0]
@@ -449,6 +542,7 @@ class ControlStep:
             if r["scope"] == "FLEET":  # `edgeloop control status` reads it from here
                 values = r["values"]
                 values["hard_examples_uncovered"] = uncovered
+                values.update(self._measure_teachers(int(r["window_end"]), state))
                 c, source = self.capacity_in_force(state, values)
                 values["capacity_per_s"] = c
                 if source == "override":

@@ -44,9 +44,17 @@ class ThresholdSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    # Offloads/s the cloud teacher sustains (all cohorts together), used when the fleet
-    # signals carry no measured `teacher_capacity_per_s`.
+    # Offloads/s the cloud teacher sustains (all cohorts together), and the most the
+    # cloud may spend: a saturated teacher measured below it lowers the capacity in force
+    # (`teacher_capacity_per_s`, agents/control_stage.py), nothing raises it.
     cloud_capacity_per_s: float = Field(50.0, gt=0)
+    # The workers' teacher is saturated, and its offloads/s are its capacity, when every
+    # worker's verdict stage was busy at least this share of its span with at least
+    # `measured_min_backlog` offloads waiting on its partitions.
+    measured_min_busy: float = Field(0.8, gt=0, le=1)
+    measured_min_backlog: int = Field(100, ge=1)
+    # A worker's measurement counts while its newest tick is at most this old (seconds).
+    measured_stale_s: float = Field(30.0, gt=0)
     # Lag is drained within this horizon: C_eff = C * (1 - lag_s / drain_horizon_s).
     drain_horizon_s: float = Field(120.0, gt=0)
     # C_eff never goes below this share of C (the audit floor must still be served).

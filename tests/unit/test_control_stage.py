@@ -412,3 +412,75 @@ def test_a_declared_uplink_capacity_reaches_the_controller_through_the_log() -> 
     k = round(last["tau"] * 20)
     offloads = sum(values[f"conf_{b:02d}"] for b in range(k)) / values["window_s"]
     assert offloads + last["audit_rate"] * (values["events_per_s"] - offloads) <= 1.0
+
+
+def with_teacher(
+    log: list[dict[str, Any]], from_window: int, **sample: float
+) -> list[dict[str, Any]]:
+    """The log with each tick from window `from_window` on carrying one worker's teacher
+    measurement (as the control app's timer writes it) and its offload backlog."""
+    from edgeloop.agents.teacher_rate import RateSample
+
+    behind = int(sample.pop("behind"))
+    out, w = [], 0
+    for rec in log:
+        obs = rec
+        if obs["k"] == "tick":
+            if w >= from_window:
+                obs = tick(obs["ts"], behind=behind, worker="host:1", teacher=RateSample(
+                    per_s=sample["per_s"], wall_per_s=sample["wall_per_s"],
+                    busy=sample["busy"], items=100,
+                ))  # fmt: skip
+            w += 1
+        out.append(obs)
+    return out
+
+
+def fleet_values(out: list[Output]) -> list[dict[str, float]]:
+    return [r["values"] for t, _, r in out if t == SIGNALS_TOPIC and r["scope"] == "FLEET"]
+
+
+def test_a_saturated_teacher_measures_the_capacity_the_controller_uses() -> None:
+    # The setting says 5/s; the worker's verdict stage is busy 95% of its span with 500
+    # offloads waiting and answers 3/s: the teacher's capacity is 3/s, from window 2 on.
+    log = with_teacher(scripted_log(), 2, per_s=4.0, wall_per_s=3.0, busy=0.95, behind=500)
+    state = ControlState()
+    out = run(ControlStep(settings()), log, state)
+    fleet = fleet_values(out)
+    assert [v["capacity_per_s"] for v in fleet] == [5.0, 5.0, 3.0, 3.0, 3.0, 3.0]
+    assert "teacher_capacity_per_s" not in fleet[1]
+    assert fleet[2]["teacher_capacity_per_s"] == 3.0 and fleet[2]["teacher_saturated"] == 1.0
+    after = [u for u in cohort_updates(out) if u["signals"]["capacity_per_s"] == 3.0]
+    assert after and all("measured" in u["reason"] for u in after)
+    # The measurement is in the changelog: a successor keeps using it.
+    assert snapshot(state).teacher_capacity == {"per_s": 3.0, "ts": float(T0 + 6 * 2 * US)}
+
+
+def test_an_idle_teacher_never_raises_the_capacity_over_the_setting() -> None:
+    # Busy 10%, no backlog: 20 offloads per busy second is a lower bound of what the
+    # teacher sustains, but the 5/s setting is also the cloud's ceiling: it stands.
+    log = with_teacher(scripted_log(), 1, per_s=20.0, wall_per_s=1.0, busy=0.1, behind=0)
+    fleet = fleet_values(run(ControlStep(settings()), log, ControlState()))
+    assert {v["capacity_per_s"] for v in fleet} == {5.0}
+    assert all(v["teacher_saturated"] == 0.0 for v in fleet[1:])
+
+
+def test_a_measured_capacity_rises_with_what_the_teacher_proves_up_to_the_setting() -> None:
+    # Saturated at 3/s in windows 0-1; then idle, proving 4/s (a faster teacher), then
+    # 20/s: the capacity goes 3 -> 4 -> back to the 5/s setting.
+    log = scripted_log(6)
+    sat = with_teacher(log, 0, per_s=3.5, wall_per_s=3.0, busy=0.95, behind=500)
+    four = with_teacher(log, 0, per_s=4.0, wall_per_s=1.0, busy=0.1, behind=0)
+    twenty = with_teacher(log, 0, per_s=20.0, wall_per_s=1.0, busy=0.1, behind=0)
+    ticks = [i for i, o in enumerate(log) if o["k"] == "tick"]
+    mixed = [*sat[: ticks[1] + 1], *four[ticks[1] + 1 : ticks[3] + 1], *twenty[ticks[3] + 1 :]]
+    fleet = fleet_values(run(ControlStep(settings()), mixed, ControlState()))
+    assert [v["capacity_per_s"] for v in fleet] == [3.0, 3.0, 4.0, 4.0, 5.0, 5.0]
+
+
+def test_a_busy_teacher_without_a_backlog_is_not_saturated() -> None:
+    # Busy 95% of the span but nothing waiting (slow acknowledgements of small batches,
+    # not a teacher at its limit): its 3/s is no capacity, and the setting stands.
+    log = with_teacher(scripted_log(), 0, per_s=3.0, wall_per_s=3.0, busy=0.95, behind=0)
+    fleet = fleet_values(run(ControlStep(settings()), log, ControlState()))
+    assert {v["capacity_per_s"] for v in fleet} == {5.0}

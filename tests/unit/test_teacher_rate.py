@@ -1,0 +1,41 @@
+"""The verdict stage's measured rate (agents/teacher_rate.py): offloads per busy second,
+per second of the span, and the busy share that says whether the stage was saturated."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeloop.agents.teacher_rate import TeacherRate
+
+
+def test_a_saturated_stage_reports_its_rate_and_a_full_busy_share() -> None:
+    rate = TeacherRate(span_s=10.0)
+    # Back to back: 64 offloads every 0.5 s for 20 s.
+    for k in range(40):
+        rate.record(64, 100.0 + k * 0.5, 100.0 + (k + 1) * 0.5)
+    got = rate.measure(120.0)
+    assert got is not None
+    assert got.per_s == pytest.approx(128.0, rel=0.06)
+    assert got.wall_per_s == pytest.approx(128.0, rel=0.06)
+    assert got.busy == pytest.approx(1.0)
+
+
+def test_an_idle_stage_reports_a_low_busy_share_and_its_per_busy_second_rate() -> None:
+    rate = TeacherRate(span_s=10.0)
+    # One offload every second, each taking 50 ms: 20 per busy second, 1 per second.
+    for k in range(20):
+        rate.record(1, 100.0 + k, 100.0 + k + 0.05)
+    got = rate.measure(120.0)
+    assert got is not None
+    assert got.per_s == pytest.approx(20.0, rel=0.01)
+    assert got.wall_per_s == pytest.approx(1.0, rel=0.15)
+    assert got.busy == pytest.approx(0.05, abs=0.01)
+
+
+def test_batches_older_than_the_span_are_forgotten() -> None:
+    rate = TeacherRate(span_s=5.0)
+    rate.record(10, 0.0, 1.0)
+    assert rate.measure(3.0) is not None
+    assert rate.measure(7.0) is None  # nothing answered in the last 5 s
+    with pytest.raises(ValueError, match="span_s"):
+        TeacherRate(span_s=0)
