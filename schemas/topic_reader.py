@@ -14,6 +14,9 @@ Broker facts this relies on (measured on the brokers the tests run):
 - A first fetch from freshly assigned partitions can come back empty (Tansu on a loaded
   machine: nothing within 5 s, everything within 15 s), so an empty poll before the end
   is reached is no reason to stop; one overall deadline bounds the read instead.
+- Right after assign(), aiokafka resets partitions in the background; a late answer to
+  that reset used to move a partition seeked to its beginning to its END (see
+  `read_topic`): explicit seeks, and resets to the earliest offset, keep every record.
 - Shared topics hold other producers' malformed records (a bad Confluent magic byte, a
   schema id the registry does not know): they are skipped and counted, never raised.
 """
@@ -35,6 +38,9 @@ T = TypeVar("T")
 POLL_MS = 1000
 EMPTY_POLLS_PAST_END = 2
 MAX_RECORDS = 5000
+# Metadata refreshes (METADATA_BACKOFF_S apart) before a topic is taken to be missing.
+METADATA_ATTEMPTS = 3
+METADATA_BACKOFF_S = 0.25
 
 
 @dataclass
@@ -71,10 +77,11 @@ async def read_topic(
     (metadata, offsets, fetches, decoding); it is a ceiling, not a wait: a read that
     reaches the end returns at once.
 
-    A topic that does not exist (absent from the broker's metadata after one refresh)
-    reads as empty and complete, with `partitions == 0`: for `control status` on a
-    cluster no control plane has written to yet, "nothing yet" is the truth. Empty
-    records (compaction tombstones) are skipped and not counted.
+    A topic that does not exist (absent from the broker's metadata after
+    METADATA_ATTEMPTS refreshes, about half a second) reads as empty and complete, with
+    `partitions == 0`: for `control status` on a cluster no control plane has written to
+    yet, "nothing yet" is the truth. Empty records (compaction tombstones) are skipped
+    and not counted.
 
     Args:
         bootstrap: the Kafka bootstrap servers.
@@ -97,8 +104,19 @@ async def read_topic(
     """
     out: TopicRead[T] = TopicRead()
     per_partition: dict[int, list[T]] = {}
+    # Right after assign(), aiokafka's fetcher resets every partition without a position
+    # in the background, by auto_offset_reset. With the default ("latest") and a
+    # seek_to_beginning() (a reset too), that background answer could land after it and
+    # set the position to the END: the partition's records were never read (the demo
+    # lineage's missing TrainingTrigger on Apache Kafka: 1 read of a just-written topic in
+    # 12 here). So `_seek` seeks to explicit offsets (a late reset answer is ignored once
+    # a partition has a position), and any reset, also an out-of-range one mid-read when
+    # retention deletes the start, goes to the earliest offset, never skipping records.
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
     )
     deadline = asyncio.get_running_loop().time() + timeout_s
     scope = asyncio.timeout_at(deadline)
@@ -171,8 +189,16 @@ async def _seek(
     Returns:
         The reported end offset of each partition with something to read.
     """
+    # After start, aiokafka's metadata cache holds what its bootstrap asked for (an empty
+    # topic list: Apache Kafka answers with no topics), so refresh. A topic whose leaders
+    # are not elected yet comes back with LEADER_NOT_AVAILABLE and aiokafka leaves it out
+    # of the cache, as if absent: ask a few times before calling the topic missing.
     parts = consumer.partitions_for_topic(topic)
-    if not parts:
+    for attempt in range(METADATA_ATTEMPTS):
+        if parts:
+            break
+        if attempt:
+            await asyncio.sleep(METADATA_BACKOFF_S)
         await consumer._client.force_metadata_update()  # aiokafka: no public refresh
         parts = consumer.partitions_for_topic(topic)
     if not parts:

@@ -1,15 +1,19 @@
 """Reading a topic to its end (`edgeloop.schemas.topic_reader`), on a real broker and
 registry: every record of every partition, the last N, foreign bytes skipped and counted,
-an empty or missing topic; and `control status` no longer dies on a malformed record."""
+an empty or missing topic, a late background offset reset; and `control status` no
+longer dies on a malformed record."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import uuid
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.consumer.fetcher import Fetcher
 
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.control_status import ControlTopics, read_status, render
@@ -88,6 +92,45 @@ async def test_every_record_of_every_partition_in_offset_order(
     assert got.complete and got.partitions == 3 and got.undecodable == 0
     # Partition by partition, each in offset order: every record once.
     assert ids == [f"p{p}:{v}" for p in range(3) for v in range(30) if v % 3 == p]
+
+
+@pytest.fixture
+def late_resets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hold back every answer to aiokafka's background offset reset by 1 s.
+
+    Right after assign(), aiokafka's fetcher resets every partition without a position in
+    the background (by auto_offset_reset, "latest" by default). When that answer landed
+    after a reader's seek_to_beginning(), the partition's position became its END and its
+    records were never read (1 read of a just-written topic in 12 on Apache Kafka here).
+    Held back, the answer always lands after the reader positioned the partitions: the
+    race, made certain. Nothing about the broker is faked.
+    """
+    real = Fetcher._proc_offset_request
+
+    async def late(self: Fetcher, node_id: int, topic_data: Any) -> Any:
+        frame = inspect.currentframe()
+        caller = frame.f_back.f_code.co_name if frame and frame.f_back else ""
+        offsets = await real(self, node_id, topic_data)
+        if caller == "_update_fetch_positions":  # the background reset, not a reader's call
+            await asyncio.sleep(1.0)
+        return offsets
+
+    monkeypatch.setattr(Fetcher, "_proc_offset_request", late)
+
+
+@pytest.mark.usefixtures("late_resets")
+async def test_a_late_background_offset_reset_does_not_skip_a_partition(
+    kafka_broker: KafkaBroker, registry: RegistryProcess
+) -> None:
+    # Regression: the demo lineage missed the TrainingTrigger of a just-written 2-partition
+    # topic on Apache Kafka (`trigger_reason == None` in a CI run).
+    topic = f"t{uuid.uuid4().hex[:10]}.reader.late-reset"
+    await create(kafka_broker.bootstrap, topic, 2)
+    await write(kafka_broker.bootstrap, registry.url, topic,
+                [(0, update("a", 1)), (1, update("b", 2))])  # fmt: skip
+    ids, got = await read_ids(kafka_broker.bootstrap, registry.url, topic)
+    assert got.complete
+    assert ids == ["a:1", "b:2"]
 
 
 async def test_tail_reads_the_last_records_of_each_partition(
