@@ -199,3 +199,24 @@ async def test_control_status_skips_malformed_records_on_its_topics(
     shown = render(view)
     assert "skipped 3 records that do not decode" in shown
     assert "incomplete" not in shown
+
+
+async def test_a_read_cut_short_by_its_deadline_says_so(
+    kafka_broker: KafkaBroker, registry: RegistryProcess
+) -> None:
+    # A deadline already spent: what was read is not the topic's content, and
+    # `control status` prints a warning instead of passing a partial view off as whole.
+    topic = f"t{uuid.uuid4().hex[:10]}.reader.deadline"
+    await create(kafka_broker.bootstrap, topic, 1)
+    await write(kafka_broker.bootstrap, registry.url, topic, [(0, update("a", 1))])
+    async with RegistryClient(registry.url) as client:
+        got = await read_topic(
+            kafka_broker.bootstrap, topic, SchemaBook(client, DecodeLimits()).read, timeout_s=0
+        )
+    assert not got.complete
+    view = await read_status(
+        kafka_broker.bootstrap, registry.url, "digits-student", timeout_s=0,
+        topics=ControlTopics(thresholds=topic, signals=topic, releases=topic, triggers=topic),
+    )  # fmt: skip
+    assert view.incomplete == [topic] * 4
+    assert f"warning: incomplete: not read to the end in time: {topic}" in render(view)
