@@ -94,5 +94,16 @@ class SchemaBook:
                 reason="unknown_schema_id",
             ) from exc
 
+    async def read(self, data: bytes) -> dict[str, Any]:
+        """`learn` the writer schema of `data`, then `decode` it: the decode callable
+        `edgeloop.schemas.topic_reader.read_topic` takes.
+
+        Raises:
+            DecodeError: bad framing, an unknown schema id, a body that does not decode.
+            RegistryUnavailableError / retriable RegistryError: try again later.
+        """
+        await self.learn(data)
+        return self.decode(data)[1]
+
 
 __all__ = ["CONFLUENT_HEADER", "SchemaBook"]

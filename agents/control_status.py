@@ -16,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.schemas.topic_reader import read_topic
 
 THRESHOLDS, SIGNALS = "control.thresholds.v1", "ml.signals.v1"
 TRIGGERS, RELEASES = "ml.training-triggers.v1", "ml.model-releases.v1"
@@ -48,74 +47,67 @@ class ControlStatus:
     last_trigger: str = "-"
     capacity_per_s: float | None = None
     capacity_source: str = "-"  # override | measured | settings
+    undecodable: int = 0  # records skipped: they do not decode (foreign bytes)
+    incomplete: list[str] = field(default_factory=list)  # topics not read to their end
 
 
-async def _tail(
-    bootstrap: str, book: SchemaBook, topic: str, tail: int | None
-) -> list[dict[str, Any]]:
-    """The topic's records (the last `tail` per partition; all when None), decoded, in
-    offset order per partition."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False)  # fmt: skip
-    await consumer.start()
-    out: list[dict[str, Any]] = []
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()  # aiokafka: no public refresh
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return out
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        starts = await consumer.beginning_offsets(tps)
-        for tp in tps:
-            first = starts[tp] if tail is None else max(starts[tp], ends[tp] - tail)
-            consumer.seek(tp, first)
-        remaining = {tp for tp in tps if ends[tp] > starts[tp]}
-        while remaining:
-            batches = await consumer.getmany(*remaining, timeout_ms=1000, max_records=5000)
-            if not batches:
-                break
-            for tp, records in batches.items():
-                for rec in records:
-                    if rec.value:
-                        await book.learn(rec.value)
-                        out.append(book.decode(rec.value)[1])
-                    if rec.offset + 1 >= ends[tp]:
-                        remaining.discard(tp)
-    finally:
-        await consumer.stop()
-    return out
+@dataclass(frozen=True)
+class ControlTopics:
+    """Where `read_status` reads (the defaults are the deployment's topics)."""
+
+    thresholds: str = THRESHOLDS
+    signals: str = SIGNALS
+    releases: str = RELEASES
+    triggers: str = TRIGGERS
 
 
 async def read_status(
-    bootstrap: str, registry_url: str, model_name: str, signal_tail: int = 2000
+    bootstrap: str,
+    registry_url: str,
+    model_name: str,
+    signal_tail: int = 2000,
+    *,
+    topics: ControlTopics = ControlTopics(),  # frozen: one shared default
+    timeout_s: float = 60.0,
 ) -> ControlStatus:
     """Read the control plane's topics into a `ControlStatus`.
+
+    Each topic is read to its end with `edgeloop.schemas.topic_reader.read_topic`: records
+    that do not decode (other producers' bytes on a shared topic) are skipped and counted
+    in `undecodable`; a topic not read to its end within `timeout_s` is named in
+    `incomplete` (the view then shows what was read, and `render` says so); a topic that
+    does not exist yet reads as empty.
 
     Args:
         bootstrap: the Kafka bootstrap servers.
         registry_url: the schema registry.
         model_name: the model whose last trigger is shown (the trainer's model).
         signal_tail: StreamSignals read per partition from the end.
+        topics: the topics to read.
+        timeout_s: the longest the read of one topic may take.
 
     Returns:
         The view.
 
     Raises:
-        DecodeError: a record on these topics does not decode.
+        RegistryUnavailableError / retriable RegistryError: the registry cannot be reached.
         KafkaError: the broker is unreachable.
     """
     view = ControlStatus()
     async with RegistryClient(registry_url) as registry:
         book = SchemaBook(registry, DecodeLimits())
 
+        async def read(topic: str, tail: int | None = None) -> list[dict[str, Any]]:
+            got = await read_topic(bootstrap, topic, book.read, tail=tail, timeout_s=timeout_s)
+            view.undecodable += got.undecodable
+            if not got.complete:
+                view.incomplete.append(topic)
+            return got.records
+
         def row(cohort: str) -> CohortStatus:
             return view.cohorts.setdefault(cohort, CohortStatus())
 
-        for u in await _tail(bootstrap, book, THRESHOLDS, None):
+        for u in await read(topics.thresholds):
             if u["scope"] == "COHORT" and u["threshold_version"] >= (
                 row(u["scope_id"]).version or 0
             ):
@@ -123,7 +115,7 @@ async def read_status(
                 r.tau, r.version, r.audit_rate = u["tau"], u["threshold_version"], u["audit_rate"]
                 r.budget_per_s = u["signals"].get("effective_capacity_per_s")
         newest: dict[str, int] = {}
-        for s in await _tail(bootstrap, book, SIGNALS, signal_tail):
+        for s in await read(topics.signals, signal_tail):
             if s["scope"] == "FLEET" and s["window_end"] >= newest.get("", 0):
                 newest[""] = s["window_end"]
                 view.hard_since_trigger = int(s["values"].get("hard_examples_uncovered", 0))
@@ -134,11 +126,11 @@ async def read_status(
             r = row(s["scope_id"])
             r.offloads_per_s = s["values"].get("offloads_per_s")
             r.psi = s["values"].get("confidence_psi")
-        for rel in await _tail(bootstrap, book, RELEASES, None):
+        for rel in await read(topics.releases):
             row(
                 rel["cohort"]
             ).release = f"{rel['model_name']} v{rel['model_version']} {rel['stage']}"
-        for t in await _tail(bootstrap, book, TRIGGERS, None):
+        for t in await read(topics.triggers):
             if t["model_name"] == model_name:
                 view.last_trigger = f"{t['reason']} {t['trigger_id']}"
     return view
@@ -175,4 +167,10 @@ def render(view: ControlStatus) -> str:
         f"hard examples since the last trigger: {view.hard_since_trigger} "
         f"(last trigger: {view.last_trigger})"
     )
+    if view.undecodable:
+        lines.append(f"skipped {view.undecodable} records that do not decode")
+    if view.incomplete:
+        lines.append(
+            "warning: incomplete: not read to the end in time: " + ", ".join(view.incomplete)
+        )
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 A device's InferenceEvents are `<device>:<seq>`; the simulator's summary says how many
 each device produced in its lifetime and how many were still in its outbox at exit. This
-reads `edge.inference.v1` from the start to its end offsets and counts, per device, the
+reads `edge.inference.v1` from the start to its end
+(`edgeloop.schemas.topic_reader.read_topic`) and counts, per device, the
 distinct event ids (duplicates, which at-least-once delivery allows and the agents'
 dedupe removes downstream, are counted separately).
 """
@@ -16,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 INFERENCE_TOPIC = "edge.inference.v1"
-# Empty fetches (0.5 s each) in a row that end the read once the reported end is reached,
-# and the longest the whole read may take.
-EMPTY_POLLS = 4
+# The longest the whole read may take (a ceiling: a read that reaches the end returns).
 READ_DEADLINE_S = 120.0
 
 
@@ -34,69 +33,44 @@ async def count_delivered(
 
     Returns:
         {"devices": {device: {"produced", "in_kafka", "duplicates", "missing"}},
-         "totals": {"produced", "in_kafka", "duplicates", "missing", "outbox_left"}}.
-    """
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+         "totals": {"produced", "in_kafka", "duplicates", "missing", "outbox_left",
+                    "undecodable_skipped", "read_complete"}}; `read_complete` is False
+        when the topic was not read to its end within READ_DEADLINE_S (then `missing`
+        may count events that are in Kafka).
 
+    Raises:
+        RegistryUnavailableError / retriable RegistryError: the registry cannot be reached.
+        KafkaError: the broker is unreachable.
+    """
     from edgeloop.agents.codec import SchemaBook
-    from edgeloop.core.errors import DecodeError
     from edgeloop.core.settings import KafkaSettings, RegistrySettings
     from edgeloop.schemas.bounded import DecodeLimits
     from edgeloop.schemas.registry.client import RegistryClient
+    from edgeloop.schemas.topic_reader import read_topic
 
     kafka = KafkaSettings.load(home)
     registry = RegistrySettings.load(home)
+    async with RegistryClient(registry.url) as client:
+        book = SchemaBook(client, DecodeLimits())
+
+        async def event_id(value: bytes) -> str:
+            return str((await book.read(value))["event_id"])
+
+        # Records that do not decode (bad framing, unknown schema) are nobody's delivery:
+        # the agents dead-letter them; the reader skips and counts them.
+        got = await read_topic(kafka.bootstrap, topic, event_id, timeout_s=READ_DEADLINE_S)
     seen: dict[str, set[int]] = defaultdict(set)
     duplicates: dict[str, int] = defaultdict(int)
-    undecodable = 0
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap, enable_auto_commit=False, group_id=None,
-        auto_offset_reset="earliest",
-    )  # fmt: skip
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer._client.force_metadata_update()  # aiokafka: no public refresh
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        async with RegistryClient(registry.url) as client:
-            book = SchemaBook(client, DecodeLimits())
-            # Read past the reported end offsets until the fetches run dry: Tansu 0.6
-            # reports an end below offsets it serves once a partition holds multi-record
-            # batches, and stopping there missed the newest events (seen in a test run).
-            empty = 0
-            deadline = time.monotonic() + READ_DEADLINE_S
-            while time.monotonic() < deadline and (
-                empty < EMPTY_POLLS or not await _caught_up(consumer, ends)
-            ):
-                batches = await consumer.getmany(timeout_ms=500, max_records=5000)
-                empty = 0 if any(batches.values()) else empty + 1
-                for records in batches.values():
-                    for rec in records:
-                        if rec.value is None:
-                            continue
-                        try:
-                            await book.learn(rec.value)
-                            event = book.decode(rec.value)[1]
-                        except DecodeError:
-                            # Not an event anyone produced (bad framing, unknown schema):
-                            # the agents dead-letter such records; they are nobody's
-                            # delivery, so they are counted apart and skipped.
-                            undecodable += 1
-                            continue
-                        device, _, seq = str(event["event_id"]).rpartition(":")
-                        if device not in summary:
-                            continue
-                        if int(seq) in seen[device]:
-                            duplicates[device] += 1
-                        seen[device].add(int(seq))
-    finally:
-        await consumer.stop()
-    return _tally(summary, seen, duplicates, undecodable)
+    for eid in got.records:
+        device, _, seq = eid.rpartition(":")
+        if device not in summary:
+            continue
+        if int(seq) in seen[device]:
+            duplicates[device] += 1
+        seen[device].add(int(seq))
+    counted = _tally(summary, seen, duplicates, got.undecodable)
+    counted["totals"]["read_complete"] = got.complete
+    return counted
 
 
 def _tally(
@@ -122,13 +96,6 @@ def _tally(
     totals["outbox_left"] = sum(int(f.get("outbox_depth") or 0) for f in summary.values())
     totals["undecodable_skipped"] = undecodable
     return {"devices": devices, "totals": totals}
-
-
-async def _caught_up(consumer: Any, ends: dict[Any, int]) -> bool:
-    for tp, end in ends.items():
-        if await consumer.position(tp) < end:
-            return False
-    return True
 
 
 async def await_delivered(

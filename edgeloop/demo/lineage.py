@@ -3,9 +3,11 @@
 
 Sources: `ml.model-releases.v1` (every step: the trainer's CANARY or REFUSED, the judge's
 WAVE / FULL / ROLLBACK, an operator's FULL) and `ml.training-triggers.v1` (why a retrain
-ran and on which hard examples). Both are read from their beginning to the end offsets
-taken at the start, with a group-less consumer (nothing is committed), and decoded from
-the Confluent wire format with the schemas the registry names.
+ran and on which hard examples). Both are read from their beginning to their end
+(`edgeloop.schemas.topic_reader.read_topic`: a group-less consumer, nothing committed),
+and decoded from the Confluent wire format with the schemas the registry names. Records
+that do not decode are skipped and counted; a topic not read to its end in time makes the
+lineage `complete=False`, which the report shows rather than a silently partial story.
 
 A step belongs to the version it is about: a ROLLBACK names the version it reinstalls in
 `model_version` and the rolled-back candidate in `parent_version`, so it is filed under
@@ -17,16 +19,13 @@ trigger that was refused.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from edgeloop.agents.codec import SchemaBook
-from edgeloop.core.errors import DecodeError
 from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.schemas.topic_reader import read_topic
 
 RELEASES, TRIGGERS = "ml.model-releases.v1", "ml.training-triggers.v1"
 
@@ -47,76 +46,24 @@ class ReleaseLineage:
     steps: list[dict[str, Any]] = field(default_factory=list)  # every ModelRelease of it
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Every release's lineage, and how the read went."""
+
+    entries: list[ReleaseLineage]
+    complete: bool  # both topics read to their end before the deadline
+    undecodable: int  # records skipped on both topics: they do not decode
+
+    def summary(self) -> dict[str, Any]:
+        """How the read went, for the report: `complete` and `undecodable_skipped`."""
+        return {"complete": self.complete, "undecodable_skipped": self.undecodable}
+
+
 def _reason(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
         return text  # an operator's free text
-
-
-async def read_topic(
-    bootstrap: str, book: SchemaBook, topic: str, *, timeout_s: float
-) -> list[dict[str, Any]]:
-    """Every record of `topic` up to the end offsets taken now, decoded, in offset order
-    per partition.
-
-    Args:
-        bootstrap: the Kafka bootstrap servers.
-        book: decodes Confluent-framed records (learns schema ids from the registry).
-        topic: the topic to read.
-        timeout_s: the longest the read of the topic takes; partitions not read to their
-            end by then are left with their tail missing (not waited for forever).
-
-    Returns:
-        The decoded records.
-
-    Records that do not decode (foreign bytes on the topic) are skipped.
-
-    Raises:
-        KafkaError: the broker is unreachable.
-    """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
-    )
-    await consumer.start()
-    out: list[dict[str, Any]] = []
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()  # aiokafka: no public refresh
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return out
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        # Done with a partition once its position reaches the end offset: compaction and
-        # transaction markers leave gaps, so the last record's offset may be below it.
-        remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
-        # One deadline for the topic, short polls: a first fetch from freshly assigned
-        # partitions can come back empty (measured on Tansu, loaded: nothing within 5 s,
-        # everything within 15 s), so an empty poll is no reason to stop. Past the
-        # reported end offsets the read goes on until two fetches in a row are empty:
-        # Tansu 0.6 reports an end below offsets it serves (multi-record batches).
-        deadline = time.monotonic() + timeout_s
-        empty = 0
-        while (remaining or empty < 2) and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
-            empty = 0 if any(batches.values()) else empty + 1
-            for tp, records in batches.items():
-                for rec in records:
-                    if rec.value:
-                        try:
-                            await book.learn(rec.value)
-                            out.append(book.decode(rec.value)[1])
-                        except DecodeError:
-                            continue  # foreign bytes on the topic: not a release of ours
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-    finally:
-        await consumer.stop()
-    return out
 
 
 def build_lineage(
@@ -200,30 +147,38 @@ async def read_lineage(
     registry_url: str,
     *,
     model: str,
-    timeout_s: float = 15.0,
+    timeout_s: float = 60.0,
     releases_topic: str = RELEASES,
     triggers_topic: str = TRIGGERS,
-) -> list[ReleaseLineage]:
+) -> Lineage:
     """Read both topics and build every release's lineage for `model`.
 
     Args:
         bootstrap: the Kafka bootstrap servers.
         registry_url: the schema registry.
         model: the model name (e.g. `digits-student`).
-        timeout_s: the longest wait for one fetch of a topic.
+        timeout_s: the longest the read of one topic may take (a ceiling: a read that
+            reaches the end returns at once).
         releases_topic: where the ModelReleases are (default `ml.model-releases.v1`).
         triggers_topic: where the TrainingTriggers are (default `ml.training-triggers.v1`).
 
     Returns:
-        One entry per version (and per refused trigger), oldest first.
+        One entry per version (and per refused trigger), oldest first; `complete` is
+        False when a topic was not read to its end in time (the entries are then built
+        from what was read).
 
-    Records that do not decode (foreign bytes on the topic) are skipped.
+    Records that do not decode (foreign bytes on the topic) are skipped and counted.
 
     Raises:
+        RegistryUnavailableError / retriable RegistryError: the registry cannot be reached.
         KafkaError: the broker is unreachable.
     """
     async with RegistryClient(registry_url) as registry:
         book = SchemaBook(registry, DecodeLimits())
-        releases = await read_topic(bootstrap, book, releases_topic, timeout_s=timeout_s)
-        triggers = await read_topic(bootstrap, book, triggers_topic, timeout_s=timeout_s)
-    return build_lineage(releases, triggers, model=model)
+        releases = await read_topic(bootstrap, releases_topic, book.read, timeout_s=timeout_s)
+        triggers = await read_topic(bootstrap, triggers_topic, book.read, timeout_s=timeout_s)
+    return Lineage(
+        entries=build_lineage(releases.records, triggers.records, model=model),
+        complete=releases.complete and triggers.complete,
+        undecodable=releases.undecodable + triggers.undecodable,
+    )

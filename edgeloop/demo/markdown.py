@@ -123,6 +123,13 @@ def _lineage(r: Mapping[str, Any]) -> list[str]:
         )
     if not r["lineage"]:
         out.append("| - | - | - | - | - | - | - | no release was read |")
+    read = r["extra"].get("lineage_read") or {}
+    if read and not read.get("complete", True):
+        out += ["", "Incomplete: the release or trigger topic was not read to its end in "
+                f"time{' (' + read['error'] + ')' if read.get('error') else ''}; the table "
+                "shows what was read."]  # fmt: skip
+    if read.get("undecodable_skipped"):
+        out += ["", f"{read['undecodable_skipped']} records that do not decode were skipped."]
     return [*out, ""]
 
 

@@ -715,15 +715,24 @@ async def _report(scenario: Scenario) -> dict[str, Any]:
     kafka = KafkaSettings.load(o.run_home)
     registry = RegistrySettings.load(o.run_home)
     lineage: list[ReleaseLineage] = []
+    lineage_read: dict[str, Any] = {"complete": False, "error": "not read"}
     try:
-        lineage = await read_lineage(kafka.bootstrap, registry.url, model=MODEL)
+        got = await read_lineage(kafka.bootstrap, registry.url, model=MODEL)
+        lineage, lineage_read = got.entries, got.summary()
+        if not got.complete:
+            log.warning("lineage incomplete: a topic was not read to its end in time")
     except Exception as exc:  # the report says what it could not read
         log.warning("lineage not read", extra={"error": str(exc)[:300]})
+        lineage_read["error"] = str(exc)[:300]
     if scenario.observer is None:
         report = {"scenario": scenario.summary(), "error": "the services never started"}
         (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
         return report
     result: dict[str, Any] = await write_report(
-        out, scenario.observer, scenario=scenario.report_scenario(), lineage=lineage
+        out,
+        scenario.observer,
+        scenario=scenario.report_scenario(),
+        lineage=lineage,
+        extra={"lineage_read": lineage_read},
     )
     return result

@@ -95,10 +95,12 @@ async def test_trigger_canary_wave_full_and_a_rollback_read_back_as_lineage(
     finally:
         await producer.stop()
 
-    got = await read_lineage(
-        kafka_broker.bootstrap, registry.url, model=model, timeout_s=10.0,
+    read = await read_lineage(
+        kafka_broker.bootstrap, registry.url, model=model,
         releases_topic=releases, triggers_topic=triggers,
     )  # fmt: skip
+    assert read.complete and read.undecodable == 0
+    got = read.entries
     assert [(e.version, e.parent_version) for e in got] == [(1, 0), (2, 1), (3, 2)]
     v1, v2, v3 = got
     assert v1.trigger_id is None and [s["stage"] for s in v1.steps] == ["FULL"]
