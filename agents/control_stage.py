@@ -441,13 +441,13 @@ class ControlStep:
                    "teacher_workers": float(len(fresh))}  # fmt: skip
             saturated = all(
                 float(m["busy"]) >= ts.measured_min_busy
-                and float(m.get("behind", 0.0)) >= ts.measured_min_backlog
+                and float(m["behind"]) >= ts.measured_min_backlog
                 for m in fresh.values()
             )
             known = state.teacher_capacity
             measured: float | None = None
             if saturated:
-                measured = max(sum(float(m.get("wall_per_s", 0.0)) for m in fresh.values()), 1e-3)
+                measured = max(sum(float(m["wall_per_s"]) for m in fresh.values()), 1e-3)
             elif known is not None and rate > known["per_s"]:
                 measured = rate  # proven since: the teacher does at least this much now
             if measured is not None:
@@ -510,7 +510,7 @@ class ControlStep:
         if obs.get("worker") is not None and obs.get("teacher_per_s") is not None:
             state.teachers[str(obs["worker"])] = {
                 "per_s": float(obs["teacher_per_s"]),
-                "wall_per_s": float(obs.get("teacher_wall_per_s", 0.0)),
+                "wall_per_s": float(obs["teacher_wall_per_s"]),
                 "busy": float(obs["teacher_busy"]),
                 "behind": float(obs.get("behind") or 0),
                 "ts": float(now),
