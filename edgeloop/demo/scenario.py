@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from edgeloop.core.logs import get_logger
 from edgeloop.demo.bad_release import build_bad_release
 from edgeloop.demo.delivery import await_delivered
 from edgeloop.demo.supervisor import ChildSpec, DemoError, Supervisor
+from edgeloop.infra.ports import free_port
 
 log = get_logger(__name__)
 
@@ -137,12 +137,6 @@ class Outcome:
         return any(p.name == phase and p.reached for p in self.phases)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Scenario:
     """Runs the phases against a live stack; see the module docstring."""
 
@@ -150,12 +144,9 @@ class Scenario:
         self.o = options
         self.say = say
         self.outcome = Outcome()
-        self.ports = {
-            "bridge": free_port(),
-            "trainer": free_port(),
-            "fleet": free_port(),
-            **{f"agents-{i + 1}": free_port() for i in range(options.workers)},
-        }
+        # Each child's metrics port, picked when the child starts (`port_for`): one picked
+        # at start-up could be handed to the broker meanwhile (a CI run lost its fleet so).
+        self.ports: dict[str, int] = {}
         canary, waves = rollout_shares(
             MODEL, (2, 3), [d for d, c in options.cohort_of().items() if c == options.drifted]
         )
@@ -169,6 +160,11 @@ class Scenario:
         self.dashboard: Any = None
 
     # -- helpers --------------------------------------------------------------------------
+    def port_for(self, child: str) -> int:
+        """A metrics port for `child`, free now and never handed out before in this process."""
+        self.ports[child] = free_port()
+        return self.ports[child]
+
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
@@ -290,12 +286,12 @@ class Scenario:
         common = self.control_env()
         await sup.start(ChildSpec(
             "bridge", ("bridge", "--client-id", "demo-bridge-1",
-                       "--metrics-port", str(self.ports["bridge"])),
+                       "--metrics-port", str(self.port_for("bridge"))),
         ))  # fmt: skip
         for i in range(o.workers):
             name = f"agents-{i + 1}"
             await sup.start(ChildSpec(
-                name, ("agents", "--workers-web-port", str(self.ports[name])),
+                name, ("agents", "--workers-web-port", str(self.port_for(name))),
                 env={**common, "EDGELOOP_AGENTS_APP_ID": "demo-agents",
                      "EDGELOOP_AGENTS_STORE": str(store),
                      "EDGELOOP_AGENTS_PUBLIC_KEY": str(run / "keys" / "release.pub"),
@@ -305,7 +301,7 @@ class Scenario:
         await sup.start(ChildSpec(
             "trainer", ("train", "serve", "--epochs", str(o.epochs),
                         "--canary-cohort", o.drifted,
-                        "--metrics-port", str(self.ports["trainer"])),
+                        "--metrics-port", str(self.port_for("trainer"))),
             # The gate's p99 is measured on this host while the whole loop runs on it:
             # 50 ms instead of the Pi 5 budget's 5 ms (docs/architecture.md, the demo).
             env={**common, "EDGELOOP_TRAINER_GATE_MAX_P99_MS": "50"}, stop_timeout_s=30,
@@ -313,7 +309,6 @@ class Scenario:
         targets = [
             Target("bridge", f"http://127.0.0.1:{self.ports['bridge']}/metrics"),
             Target("trainer", f"http://127.0.0.1:{self.ports['trainer']}/metrics"),
-            Target("fleet", f"http://127.0.0.1:{self.ports['fleet']}/metrics"),
             *[
                 Target(
                     f"agents-{i + 1}", f"http://127.0.0.1:{self.ports[f'agents-{i + 1}']}/metrics"
@@ -351,7 +346,7 @@ class Scenario:
              "--drift-schedule", f"{o.drifted}:{drift_at}={o.drift_severity}",
              "--rate", str(o.rate_hz), "--audit-rate", str(o.audit_rate),
              "--model", str(o.run_home / "trainer" / "store" / MODEL / "1"),
-             "--metrics-port", str(self.ports["fleet"]),
+             "--metrics-port", str(self.port_for("fleet")),
              "--summary", str(o.run_home / "fleet-summary.json"),
              "--drain-timeout", "60"),
             stop_timeout_s=75,
@@ -359,6 +354,12 @@ class Scenario:
             # the scenario instead (the report says so).
             restart=False,
         ))  # fmt: skip
+        if self.observer is not None:
+            from edgeloop.demo.observe import Target
+
+            self.observer.add_target(
+                Target("fleet", f"http://127.0.0.1:{self.ports['fleet']}/metrics")
+            )
 
     async def run(self, sup: Supervisor) -> Outcome:
         o = self.o

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from edgeloop.agents.codec import SchemaBook
+from edgeloop.infra.ports import free_port
 from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.registry.client import RegistryClient
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class AgentsProcess:
@@ -179,6 +173,36 @@ async def topic_size(bootstrap: str, topic: str) -> int:
         ends = await consumer.end_offsets(tps)
         starts = await consumer.beginning_offsets(tps)
         return sum(ends[tp] - starts[tp] for tp in tps)
+    finally:
+        await consumer.stop()
+
+
+async def where_lost(
+    bootstrap: str, group_id: str, source: Read, lost: set[str], topic: str
+) -> str:
+    """Where the `lost` input ids sit in `topic` (read into `source`), next to `group_id`'s
+    committed offset and the end of each partition: tells "never fetched" (lost offsets at
+    or past the commit) from "committed past" (lost offsets below it)."""
+    by_partition: dict[int, list[int]] = {}
+    for record, (partition, offset) in zip(source.records, source.positions, strict=True):
+        if str(record["event_id"]) in lost:
+            by_partition.setdefault(partition, []).append(offset)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(by_partition)]
+        ends = await consumer.end_offsets(tps) if tps else {}
+        parts = []
+        for tp in tps:
+            offsets = sorted(by_partition[tp.partition])
+            committed = await consumer.committed(tp)
+            parts.append(
+                f"p{tp.partition}: lost {len(offsets)} at {offsets[0]}..{offsets[-1]}, "
+                f"committed {committed}, end {ends[tp]}"
+            )
+        return "; ".join(parts)
     finally:
         await consumer.stop()
 
