@@ -42,18 +42,23 @@ from edgeloop.agents.enrich import from_device_record, from_status
 from edgeloop.agents.enrich_stage import INFERENCE, EnrichStep
 from edgeloop.agents.hardness import RouterConfig
 from edgeloop.agents.metrics import AgentMetrics
+from edgeloop.agents.offset_ledger import OffsetLedger
 from edgeloop.agents.records import Out, Raw, StepResult
 from edgeloop.agents.settings import AgentsSettings
 from edgeloop.agents.verdict_stage import OFFLOAD, Prepared, RouterPolicy, VerdictStep
 from edgeloop.core.errors import DecodeError, EdgeloopError
 from edgeloop.core.logs import get_logger
 from edgeloop.core.settings import KafkaSettings, RegistrySettings
-from edgeloop.schemas.topics import dlq_topic
+from edgeloop.schemas.topics import TOPICS, dlq_topic
 
 log = get_logger(__name__)
 
 DEVICE_RECORD = "edgeloop.v1.DeviceRecord"
 DEVICE_STATUS = "edgeloop.v1.DeviceStatus"
+
+
+# Gaps in a compacted topic's offsets are normal: the offset ledger does not watch them.
+COMPACTED = frozenset(name for name, spec in TOPICS.items() if spec.compacted)
 
 
 def _raws(events: Iterable[Any]) -> list[Raw]:
@@ -290,6 +295,46 @@ def _controls(app: Any, ctx: Context, control: ControlSettings, agent: Any) -> N
         register(app, ctx, control, agent)
 
 
+class _AgentFactory:
+    """Registers one stage as a Faust agent: a `take_events` loop around its batch body,
+    with the stage's offset ledger (agents/offset_ledger.py)."""
+
+    def __init__(
+        self, app: Any, ctx: Context, topic: Callable[[str], Any], ledgers: list[OffsetLedger]
+    ) -> None:
+        self.app, self.ctx, self.topic, self.ledgers = app, ctx, topic, ledgers
+
+    def __call__(
+        self,
+        source: Any,
+        stage: str,
+        body: Callable[[list[Raw]], Awaitable[None]],
+        take: tuple[int, float] | None = None,
+    ) -> None:
+        ctx = self.ctx
+        size = take or (ctx.settings.batch_max, ctx.settings.batch_within_s)
+        ledger = OffsetLedger(exempt=COMPACTED)
+        self.ledgers.append(ledger)
+
+        async def loop(stream: Any) -> None:
+            await ctx.ready.wait()
+            async for events in stream.take_events(*size):
+                batch = _raws(events)
+                holes = await ledger.observe(batch, ctx.committed_offset)
+
+                async def handle(b: list[Raw] = batch) -> None:
+                    await body(b)
+
+                await ctx.guarded(stage, batch, handle)
+                # Before this batch is acknowledged: Faust may count a hole as done.
+                await ctx.fill_holes(stage, holes, body)
+
+        loop.__name__ = loop.__qualname__ = stage
+        # `source`: a topic name, or a channel built by the caller (several topics).
+        channel = self.topic(source) if isinstance(source, str) else source
+        self.app.agent(channel, name=stage, concurrency=1)(loop)
+
+
 def make_app(
     settings: AgentsSettings,
     kafka: KafkaSettings,
@@ -342,26 +387,9 @@ def make_app(
     }
     stages = Stages(ctx, tables)
 
-    def agent(
-        source: Any,
-        stage: str,
-        body: Callable[[list[Raw]], Awaitable[None]],
-        take: tuple[int, float] = (s.batch_max, s.batch_within_s),
-    ) -> None:
-        async def loop(stream: Any) -> None:
-            await ctx.ready.wait()
-            async for events in stream.take_events(*take):
-                batch = _raws(events)
-
-                async def handle(b: list[Raw] = batch) -> None:
-                    await body(b)
-
-                await ctx.guarded(stage, batch, handle)
-
-        loop.__name__ = loop.__qualname__ = stage
-        # `source`: a topic name, or a channel built by the caller (several topics).
-        app.agent(topic(source) if isinstance(source, str) else source, name=stage,
-                  concurrency=1)(loop)  # fmt: skip
+    # One offset ledger per stage (several stages read the same topics).
+    ledgers: list[OffsetLedger] = []
+    agent = _AgentFactory(app, ctx, topic, ledgers)
 
     agent(FLEET, "fleet", lambda b: stages.devices(b, "fleet"))
     agent(STATUS, "status", lambda b: stages.devices(b, "status"))
@@ -398,6 +426,8 @@ def make_app(
 
     async def partitions_moved(*_: Any, **__: Any) -> None:
         stages.forget()
+        for ledger in ledgers:
+            ledger.forget()
 
     # Registered by call, not as decorators: Faust's decorators are untyped.
     app.on_partitions_revoked.connect(partitions_moved)

@@ -16,11 +16,14 @@ from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
+from faust.types import TP
 
+from edgeloop.agents.backfill import read_hole
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.dead_letter import dead_letter
 from edgeloop.agents.enrich_stage import ENRICHED, ENRICHED_TOPIC, INFERENCE
 from edgeloop.agents.metrics import AgentMetrics
+from edgeloop.agents.offset_ledger import Hole
 from edgeloop.agents.records import Out, Raw, StepResult
 from edgeloop.agents.settings import AgentsSettings
 from edgeloop.agents.teacher_rate import TeacherRate
@@ -217,6 +220,76 @@ class Context:
         log.warning(
             "stalled partition re-seeked",
             extra={"topic": tp.topic, "partition": tp.partition, "offset": offset},
+        )
+
+    async def committed_offset(self, topic: str, partition: int) -> int | None:
+        """The group's committed offset of a source partition (the next one to read), or
+        None when it never committed one or it cannot be had now: Faust's view, else the
+        broker's. Never raises (it runs outside `guarded`, where Faust would skip)."""
+        consumer = self.app.consumer
+        offset = consumer._committed_offset.get(TP(topic, partition))  # faust: no public view
+        if offset is not None:
+            return int(offset)
+        try:
+            thread = consumer._thread  # the aiokafka consumer runs in its own thread
+            aio = thread._ensure_consumer()
+            part = TopicPartition(topic, partition)
+            committed = await thread.call_thread(aio.committed, part)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # mid-rebalance the coordinator may refuse: learn instead
+            log.warning(
+                "committed offset unavailable; the offset ledger starts from the next record",
+                extra={"topic": topic, "partition": partition, "error": repr(exc)},
+            )
+            return None
+        return None if committed is None else int(committed)
+
+    async def fill_holes(
+        self,
+        stage: str,
+        holes: Sequence[Hole],
+        body: Callable[[list[Raw]], Awaitable[None]],
+    ) -> None:
+        """Read each hole's records from the broker and run `body` on them (guarded).
+
+        Called before the batch that revealed the holes is acknowledged, so Faust commits
+        nothing past them before they are handled. Retries while the broker is down; never
+        raises (it runs outside `guarded`): a hole it cannot read is logged as lost.
+        """
+        for hole in holes:
+            try:
+                await self._fill(stage, hole, body)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "could not read skipped source offsets; they are lost to this stage",
+                    extra={"stage": stage, "topic": hole.topic, "partition": hole.partition,
+                           "start": hole.start, "end": hole.end},
+                )  # fmt: skip
+
+    async def _fill(
+        self, stage: str, hole: Hole, body: Callable[[list[Raw]], Awaitable[None]]
+    ) -> None:
+        log.warning(
+            "source offsets skipped by Faust; reading them directly",
+            extra={"stage": stage, "topic": hole.topic, "partition": hole.partition,
+                   "start": hole.start, "end": hole.end},
+        )  # fmt: skip
+        self.metrics.holes.labels(stage, hole.topic).inc()
+        missed: list[Raw] = await self.retry("kafka", self._read_hole, hole)
+        self.metrics.hole_records.labels(stage).inc(len(missed))
+        if missed:
+
+            async def handle(m: list[Raw] = missed) -> None:
+                await body(m)
+
+            await self.guarded(stage, missed, handle)
+
+    async def _read_hole(self, hole: Hole) -> list[Raw]:
+        return await read_hole(
+            self.kafka.bootstrap, hole, max_bytes=self.settings.max_message_bytes
         )
 
     async def stop(self) -> None:

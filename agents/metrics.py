@@ -79,6 +79,18 @@ class AgentMetrics:
             ["topic"],
             registry=r,
         )
+        self.holes = Counter(
+            "edgeloop_agents_offset_holes_total",
+            "Runs of source offsets Faust never handed to the stage (then read directly)",
+            ["stage", "topic"],
+            registry=r,
+        )
+        self.hole_records = Counter(
+            "edgeloop_agents_hole_records_total",
+            "Records read back from offset holes and handed to the stage",
+            ["stage"],
+            registry=r,
+        )
         self.retries = Counter(
             "edgeloop_agents_retries_total",
             "Waits for Kafka, the registry or the teacher to come back",

@@ -17,6 +17,7 @@ from tests.integration.agents_support import (
     produce_raw,
     read_topic,
     start_at_end,
+    where_lost,
     workers,
 )
 from tests.integration.bridge_support import prepare
@@ -133,6 +134,14 @@ async def test_a_killed_worker_loses_nothing(
         m: second.metric(f"edgeloop_agents_{m}", stage="verdicts")
         for m in ("events_in_total", "dedupe_hits_total", "dlq_total", "events_out_total")
     }
+    if answered != expected:
+        offloads = await read_topic(
+            bootstrap, reg, "edge.offload.v1", key_prefix=prefix, done=lambda r: False,
+            timeout_s=5,
+        )  # fmt: skip
+        diag["where"] = await where_lost(
+            bootstrap, f"agents-{prefix}", offloads, expected - answered, "edge.offload.v1"
+        )
     assert answered == expected, (
         f"{len(expected - answered)} requests never answered, e.g. "
         f"{sorted(expected - answered)[:3]}; survivor: {diag}; logs in {tmp_path}"
