@@ -9,7 +9,6 @@ infra up`, ...), the host:port or path at fault, and no Python traceback.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,12 @@ from pathlib import Path
 import pytest
 
 from edgeloop.artifacts.signing import generate_keypair
+from edgeloop.infra.ports import free_port
 
 
 def _closed_port() -> int:
-    """A loopback port nothing listens on: bound once to get a free number, then closed."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A loopback port nothing listens on (and no later server in this run is given)."""
+    return free_port()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ collectors, served as the services serve them), a clock the test moves."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
@@ -14,6 +13,7 @@ from edgeloop.core.metrics import serve_metrics
 from edgeloop.demo.observe import Observer, Target
 from edgeloop.demo.scrape import quantile
 from edgeloop.edge.metrics import EdgeMetrics
+from edgeloop.infra.ports import free_port
 from edgeloop.streams.metrics import BridgeMetrics
 
 
@@ -32,9 +32,7 @@ class Control:
 
 
 def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed on exit: nothing listens there
+    return free_port()  # nothing listens there, and no later server in this run gets it
 
 
 class Clock:

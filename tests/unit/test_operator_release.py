@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -27,6 +26,7 @@ from edgeloop.artifacts.signing import (
     sign_artifact,
 )
 from edgeloop.core.errors import ConfigError
+from edgeloop.infra.ports import free_port
 from edgeloop.trainer.home import TrainerHome
 from edgeloop.trainer.operator_release import (
     ReleasePlan,
@@ -203,9 +203,7 @@ def test_tampered_or_foreign_artifacts_are_refused_even_with_override(
 
 def _cli(h: Home, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The real entry point, Kafka and the registry at a closed loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens there, and no later server in this run gets it
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_")}
     env.update(EDGELOOP_HOME=str(tmp_path / "home"), EDGELOOP_TRAINER_HOME=str(h.home.root),
                EDGELOOP_TRAINER_KEYS_DIR=str(h.pub_path.parent),
