@@ -246,7 +246,10 @@ class ControlAgents:
         if not self.ctx.ready.is_set():
             return
         try:
-            teacher = self.ctx.teacher_rate.measure(time.monotonic())
+            # Service time over one window: the controller judges the latency SLO per window.
+            teacher = self.ctx.teacher_rate.measure(
+                time.monotonic(), service_span_s=self.s.signals.window_s
+            )
             obs = tick(now_us(), behind=self.offload_behind(), worker=WORKER_ID, teacher=teacher)
             await self.ctx.produce([Out(self.log_topic, LOG_KEY, encode(obs))])
         except Exception:

@@ -144,6 +144,7 @@ def tick(
         obs["teacher_per_s"] = teacher.per_s
         obs["teacher_wall_per_s"] = teacher.wall_per_s
         obs["teacher_busy"] = teacher.busy
+        obs["teacher_service_p99_ms"] = teacher.service_p99_s * 1000.0
     return obs
 
 
@@ -423,8 +424,9 @@ class ControlStep:
 
         Returns:
             FLEET values: `teacher_rate_per_s` (per busy second, summed), `teacher_busy`
-            (the least busy fresh worker's share), `teacher_workers`, and
-            `teacher_capacity_per_s` once measured.
+            (the least busy fresh worker's share), `teacher_workers`,
+            `teacher_service_p99_ms` (the slowest fresh worker's service time p99, which
+            the latency SLO uses) and `teacher_capacity_per_s` once measured.
         """
         ts = self.s.threshold
         fresh = {
@@ -439,6 +441,9 @@ class ControlStep:
             busy = min(float(m["busy"]) for m in fresh.values())
             out = {"teacher_rate_per_s": rate, "teacher_busy": busy,
                    "teacher_workers": float(len(fresh))}  # fmt: skip
+            services = [m["service_p99_ms"] for m in fresh.values() if "service_p99_ms" in m]
+            if services:  # the slowest worker's: an offload may land on any of them
+                out["teacher_service_p99_ms"] = float(max(services))
             saturated = all(
                 float(m["busy"]) >= ts.measured_min_busy
                 and float(m["behind"]) >= ts.measured_min_backlog
@@ -515,6 +520,10 @@ class ControlStep:
                 "behind": float(obs.get("behind") or 0),
                 "ts": float(now),
             }
+            if obs.get("teacher_service_p99_ms") is not None:  # older workers' ticks lack it
+                state.teachers[str(obs["worker"])]["service_p99_ms"] = float(
+                    obs["teacher_service_p99_ms"]
+                )
         if obs.get("behind") is not None:
             # Messages behind -> seconds at the capacity in force now (the override too).
             lag = int(obs["behind"]) / self.capacity_in_force(state)[0]

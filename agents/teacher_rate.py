@@ -28,6 +28,10 @@ class RateSample:
     wall_per_s: float  # offloads answered per second of the span
     busy: float  # share of the span the stage was busy, 0..1
     items: int  # offloads answered in the span
+    # The 99th percentile, over the span's offloads, of the time their batch took from
+    # being handed to the stage to its verdicts acknowledged: the teacher's service time,
+    # without the wait behind a backlog (which the verdict's own latency includes).
+    service_p99_s: float = 0.0
 
 
 class TeacherRate:
@@ -52,12 +56,15 @@ class TeacherRate:
         if items > 0 and end_s >= start_s:
             self._batches.append((start_s, end_s, items))
 
-    def measure(self, now_s: float) -> RateSample | None:
+    def measure(self, now_s: float, service_span_s: float | None = None) -> RateSample | None:
         """The rate and busy share over [now_s - span_s, now_s]; None before any batch in
         the span.
 
         The busy share's denominator is the span, or the time since the first batch when
-        the stage has run for less than a span (a worker that just started).
+        the stage has run for less than a span (a worker that just started). The service
+        time p99 is over the batches that ended in the last `service_span_s` seconds (the
+        whole span when None; 0.0 when none did): the controller judges its latency SLO
+        per window, and one slow batch (a cold start) should not outlast its window.
         """
         since = now_s - self.span_s
         while self._batches and self._batches[0][1] < since:
@@ -76,4 +83,21 @@ class TeacherRate:
             wall_per_s=items / covered,
             busy=min(1.0, inside / covered),
             items=items,
+            service_p99_s=self._service_quantile(
+                0.99, now_s - (self.span_s if service_span_s is None else service_span_s)
+            ),
         )
+
+    def _service_quantile(self, q: float, since: float) -> float:
+        """The q-quantile of the durations of batches ended after `since`, each batch
+        weighted by its offloads; 0.0 when none."""
+        durations = sorted((end - start, n) for start, end, n in self._batches if end >= since)
+        if not durations:
+            return 0.0
+        rank = q * sum(n for _, n in durations)
+        seen = 0
+        for duration, n in durations:
+            seen += n
+            if seen >= rank:
+                return duration
+        return durations[-1][0]

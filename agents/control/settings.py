@@ -88,8 +88,9 @@ class ThresholdSettings(BaseModel):
     decay_drift: float = Field(0.3, gt=0, lt=1)
     # Weight of the newest window in the per-bucket traffic rate estimate (EWMA).
     rate_alpha: float = Field(0.5, gt=0, le=1)
-    # Latency SLO of an offloaded decision: uplink RTT + teacher verdict p99 + lag. A scope
-    # that cannot meet it gets tau = 0 (audits only).
+    # Latency SLO of an offloaded decision: uplink RTT p99 + the teacher's service time p99
+    # (not the wait behind a backlog: the budget drains that). A scope that cannot meet it
+    # gets tau = 0 (audits only).
     latency_slo_ms: float = Field(2000.0, gt=0)
     # Share of a device's declared uplink capacity (DeviceStatus
     # `uplink_capacity_bytes_per_s`) its offloads may use, and the bytes per offload. Never

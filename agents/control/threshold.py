@@ -158,10 +158,18 @@ def scope_load(rates: list[float], k: int, audit_rate: float) -> float:
 
 
 def _latency_ms(values: Mapping[str, float], fleet: Mapping[str, float]) -> float:
+    """An offloaded decision's latency for the SLO: uplink RTT p99 + the teacher's service
+    time p99 (measured by the workers: batch handed to its verdicts acknowledged).
+
+    The wait behind a backlog is not added: the budget drains it (C_eff), and counting it
+    would switch offloading off after every transient overload of our own making. That is
+    why the verdicts' own latency (from the request's ts, so with the backlog in it) is
+    only the fallback, for workers that report no service time.
+    """
     rtt = values.get("uplink_rtt_p99_ms", 0.0)
-    teacher = fleet.get("verdict_latency_p99_ms", values.get("verdict_latency_p99_ms", 0.0))
-    # Lag is not added: the budget drains it (C_eff), and counting it here would switch
-    # offloading off after every transient overload of our own making.
+    teacher = fleet.get("teacher_service_p99_ms")
+    if teacher is None:
+        teacher = fleet.get("verdict_latency_p99_ms", values.get("verdict_latency_p99_ms", 0.0))
     return rtt + teacher
 
 

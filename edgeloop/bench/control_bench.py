@@ -79,11 +79,12 @@ SEVERITY = 0.8
 # Offloads/s the teacher is said to sustain until the capacity scenario sets its own
 # (from the settled load): above what this fleet offloads at the factory tau (0.8).
 CAPACITY = 24.0
-# The latency SLO the bench's controller runs with. A CloudVerdict's latency is measured
-# from the device's request time, so it includes the wait behind the teacher's backlog:
-# the factory tau's start-up burst alone pushed its p99 past the default 2 s on the 2-core
-# VM, and the SLO then held both cohorts at tau = 0 (audits only), where a halved
-# capacity binds nothing and no capacity run could be answered.
+# The latency SLO the bench's controller runs with. It was raised when the SLO counted a
+# CloudVerdict's latency, measured from the device's request time and so with the wait
+# behind the teacher's backlog: the factory tau's start-up burst alone pushed its p99 past
+# the default 2 s on the 2-core VM, and the SLO held both cohorts at tau = 0 (audits
+# only), where a halved capacity binds nothing. The SLO now counts the teacher's service
+# time instead; the bench keeps the raised SLO until it has been run at the default.
 LATENCY_SLO_MS = 30_000.0
 QUIET_WINDOWS = 3  # settled: no update for this many windows
 ANSWER_WINDOWS = 8  # a run with no update this long after t0 is missed

@@ -228,8 +228,8 @@ class Scenario:
             "EDGELOOP_CONTROL_WIRING__TICK_S": str(min(1.0, o.window_s / 4)),
             "EDGELOOP_CONTROL_THRESHOLD__CLOUD_CAPACITY_PER_S": str(o.cloud_capacity_per_s),
             # One host runs the whole cloud and the fleet: the uplink RTT plus the teacher's
-            # p99 on a busy laptop can pass the 2 s production SLO, which would switch a
-            # cohort to audits only; the demo is about the loop, not this host's latency.
+            # service time on a busy laptop can pass the 2 s production SLO, which would
+            # switch a cohort to audits only; the demo is about the loop, not this host.
             "EDGELOOP_CONTROL_THRESHOLD__LATENCY_SLO_MS": "30000",
             "EDGELOOP_CONTROL_TRIGGERS__HARD_EXAMPLES": str(o.trigger_hard_examples),
             "EDGELOOP_CONTROL_TRIGGERS__MIN_EXAMPLES": str(o.trigger_hard_examples),

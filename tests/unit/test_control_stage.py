@@ -430,6 +430,7 @@ def with_teacher(
                 obs = tick(obs["ts"], behind=behind, worker="host:1", teacher=RateSample(
                     per_s=sample["per_s"], wall_per_s=sample["wall_per_s"],
                     busy=sample["busy"], items=100,
+                    service_p99_s=sample.get("service_p99_s", 0.0),
                 ))  # fmt: skip
             w += 1
         out.append(obs)
@@ -484,3 +485,15 @@ def test_a_busy_teacher_without_a_backlog_is_not_saturated() -> None:
     log = with_teacher(scripted_log(), 0, per_s=3.0, wall_per_s=3.0, busy=0.95, behind=0)
     fleet = fleet_values(run(ControlStep(settings()), log, ControlState()))
     assert {v["capacity_per_s"] for v in fleet} == {5.0}
+
+
+def test_the_workers_service_time_reaches_the_fleet_signals_for_the_latency_slo() -> None:
+    # The tick carries the worker's teacher service time p99 (batch handed to verdicts
+    # acknowledged); the FLEET window carries it for the controller's latency SLO.
+    log = with_teacher(scripted_log(), 1, per_s=4.0, wall_per_s=3.0, busy=0.5, behind=0,
+                       service_p99_s=0.25)  # fmt: skip
+    state = ControlState()
+    fleet = fleet_values(run(ControlStep(settings()), log, state))
+    assert "teacher_service_p99_ms" not in fleet[0]
+    assert all(v["teacher_service_p99_ms"] == 250.0 for v in fleet[1:])
+    assert snapshot(state).teachers["host:1"]["service_p99_ms"] == 250.0

@@ -315,6 +315,33 @@ def test_a_cohort_that_cannot_meet_the_latency_slo_only_audits():
     assert taus["fast"] > 0.0
 
 
+def test_a_backlog_that_delays_verdicts_does_not_count_against_the_latency_slo():
+    # Verdicts arrive 30 s after their requests because offloads queue behind a backlog,
+    # but the teacher serves a batch within 250 ms: the SLO (2 s) holds, the cohort
+    # offloads. Before, the verdicts' own latency was the SLO's input: tau 0 here.
+    state = ControllerState()
+    end = T0 + int(W * US)
+    inputs = WindowInputs(
+        end,
+        {"c": _cohort_values(0.1, rtt_p99_ms=80.0)},
+        fleet={"verdict_latency_p99_ms": 30_000.0, "teacher_service_p99_ms": 250.0},
+    )
+    taus = {u["scope_id"]: u["tau"] for u in step(inputs, state, SETTINGS, B)}
+    assert taus["c"] > 0.0
+
+
+def test_a_teacher_slower_than_the_latency_slo_only_audits():
+    state = ControllerState()
+    end = T0 + int(W * US)
+    inputs = WindowInputs(
+        end,
+        {"c": _cohort_values(0.1, rtt_p99_ms=80.0)},
+        fleet={"verdict_latency_p99_ms": 100.0, "teacher_service_p99_ms": 2500.0},
+    )
+    taus = {u["scope_id"]: u["tau"] for u in step(inputs, state, SETTINGS, B)}
+    assert taus["c"] == 0.0
+
+
 def test_audit_verdicts_are_weighted_by_their_inclusion_probability():
     # One bucket, true error 0.25: the lower half (error 0.4) is offloaded in full, the
     # upper half (error 0.1) audited at 10%. Unweighted, the audit is outnumbered and

@@ -39,3 +39,31 @@ def test_batches_older_than_the_span_are_forgotten() -> None:
     assert rate.measure(7.0) is None  # nothing answered in the last 5 s
     with pytest.raises(ValueError, match="span_s"):
         TeacherRate(span_s=0)
+
+
+def test_the_service_time_p99_is_over_offloads_not_over_batches() -> None:
+    # 99 offloads answered in 0.1 s batches and one in a 5 s batch: the 99th percentile
+    # offload was served in 0.1 s. Two offloads in the slow batch: it is 5 s.
+    rate = TeacherRate(span_s=60.0)
+    for i in range(99):
+        rate.record(1, i * 0.2, i * 0.2 + 0.1)
+    rate.record(1, 30.0, 35.0)
+    sample = rate.measure(40.0)
+    assert sample is not None and sample.service_p99_s == pytest.approx(0.1)
+    rate.record(1, 36.0, 41.0)
+    sample = rate.measure(42.0)
+    assert sample is not None and sample.service_p99_s == pytest.approx(5.0)
+
+
+def test_a_slow_batch_counts_in_the_service_time_for_one_window_only() -> None:
+    # A cold start's 4 s batch, then fast ones: over a 5 s window it has left the figure,
+    # while the 30 s span still uses it for the rates.
+    rate = TeacherRate(span_s=30.0)
+    rate.record(1, 0.0, 4.0)
+    for i in range(10):
+        rate.record(5, 5.0 + i, 5.0 + i + 0.05)
+    early = rate.measure(6.0, service_span_s=5.0)
+    late = rate.measure(15.0, service_span_s=5.0)
+    assert early is not None and early.service_p99_s == pytest.approx(4.0)
+    assert late is not None and late.service_p99_s == pytest.approx(0.05)
+    assert late.items == 51
