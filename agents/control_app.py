@@ -93,8 +93,9 @@ async def append_to_log(bootstrap: str, app_id: str, obs: dict[str, Any]) -> Non
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
     try:
+        # Inside the try: a start that fails (broker down) must still close the client.
+        await producer.start()
         await producer.send_and_wait(control_log(app_id), encode(obs), key=LOG_KEY)
     finally:
         await producer.stop()

@@ -63,7 +63,7 @@ class TeacherRate:
         The busy share's denominator is the span, or the time since the first batch when
         the stage has run for less than a span (a worker that just started). The service
         time p99 is over the batches that ended in the last `service_span_s` seconds (the
-        whole span when None; 0.0 when none did): the controller judges its latency SLO
+        whole span when None, or when none did): the controller judges its latency SLO
         per window, and one slow batch (a cold start) should not outlast its window.
         """
         since = now_s - self.span_s
@@ -90,10 +90,11 @@ class TeacherRate:
 
     def _service_quantile(self, q: float, since: float) -> float:
         """The q-quantile of the durations of batches ended after `since`, each batch
-        weighted by its offloads; 0.0 when none."""
-        durations = sorted((end - start, n) for start, end, n in self._batches if end >= since)
-        if not durations:
-            return 0.0
+        weighted by its offloads; of every batch in the span when none ended since (a
+        window without a finished batch is no evidence of a fast teacher: batches longer
+        than a window would otherwise pass the SLO in every other window)."""
+        recent = [(end - start, n) for start, end, n in self._batches if end >= since]
+        durations = sorted(recent or [(end - start, n) for start, end, n in self._batches])
         rank = q * sum(n for _, n in durations)
         seen = 0
         for duration, n in durations:

@@ -120,8 +120,9 @@ async def read_topic(
     )
     deadline = asyncio.get_running_loop().time() + timeout_s
     scope = asyncio.timeout_at(deadline)
-    await consumer.start()
     try:
+        # Inside the try: a start that fails (broker down) must still close the client.
+        await consumer.start()
         async with scope:
             await _read(consumer, topic, decode, tail=tail, out=out, per_partition=per_partition)
         out.complete = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from pydantic import ValidationError
 
 from edgeloop import __version__
 from edgeloop.cli.lazy import LazyGroup
@@ -89,5 +90,13 @@ def main() -> None:
     except EdgeloopError as exc:
         # Expected failures print one clear line, not a traceback.
         click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(1)
+    except ValidationError as exc:
+        # A setting (environment, infra.env) that does not validate: name each field and
+        # the value given, as a CLI option's error does.
+        click.secho(f"error: invalid settings ({exc.title}):", fg="red", err=True)
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            click.secho(f"  {field}: {err['msg']} (got {err.get('input')!r})", fg="red", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

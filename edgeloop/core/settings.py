@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 HOME_ENV = "EDGELOOP_HOME"
@@ -57,6 +57,17 @@ class KafkaSettings(_Base):
     flavor: str = Field("external", description="tansu | apache | external")
     # Detected by `infra up` (Tansu refuses InitProducerId); never assumed by a client.
     idempotence: bool = False
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        """Each comma-separated entry is host:port with a port in 1..65535 (a malformed
+        address otherwise surfaces as a traceback deep inside the Kafka client)."""
+        for entry in value.split(","):
+            host, sep, port = entry.strip().rpartition(":")
+            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"expected host:port[,host:port...], got entry {entry!r}")
+        return value
 
 
 class RegistrySettings(_Base):

@@ -30,7 +30,7 @@ def port() -> int:
 
 
 def _edgeloop(
-    home: Path, port: int, *args: str, pki_dir: Path | None = None
+    home: Path, port: int, *args: str, pki_dir: Path | None = None, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run `edgeloop ARGS` as a user would, every endpoint at the closed `port` (and the
     development CA in `pki_dir`, as `infra up` would have written it to infra.env)."""
@@ -44,6 +44,7 @@ def _edgeloop(
     )
     if pki_dir is not None:
         env["EDGELOOP_PKI_DIR"] = str(pki_dir)
+    env.update(extra_env)
     return subprocess.run(
         [sys.executable, "-m", "edgeloop", "--log-level", "error", *args],
         env=env,
@@ -238,3 +239,31 @@ def test_edge_without_release_public_key_names_keys_init(
     assert str(tmp_path / "keys" / "release.pub") in line, line
     assert "`edgeloop keys init`" in line, line
     assert "--pubkey" in line, line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("EDGELOOP_KAFKA_BOOTSTRAP", "127.0.0.1:abc", "bootstrap"),
+        ("EDGELOOP_KAFKA_BOOTSTRAP", "", "bootstrap"),
+        ("EDGELOOP_KAFKA_BOOTSTRAP", "127.0.0.1:9092,kafka2", "bootstrap"),
+        ("EDGELOOP_KAFKA_IDEMPOTENCE", "maybe", "idempotence"),
+    ],
+)
+def test_a_setting_that_does_not_validate_names_the_field_and_the_value(
+    tmp_path: Path, port: int, variable: str, value: str, field: str
+) -> None:
+    # Before: a pydantic traceback, or aiokafka's `int('abc')` deep in its connect.
+    result = _edgeloop(tmp_path / "home", port, "control", "status", **{variable: value})
+    line = _error_line(result)
+    assert "invalid settings" in line
+    assert f"{field}:" in result.stderr and repr(value) in result.stderr
+
+
+def test_a_control_command_with_kafka_down_leaves_no_unclosed_client(
+    tmp_path: Path, port: int
+) -> None:
+    for args in (("control", "capacity", "5"), ("control", "status")):
+        result = _edgeloop(tmp_path / "home", port, *args)
+        assert "not reachable" in _error_line(result)
+        assert "Unclosed" not in result.stderr, result.stderr[-2000:]

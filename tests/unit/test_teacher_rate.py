@@ -67,3 +67,13 @@ def test_a_slow_batch_counts_in_the_service_time_for_one_window_only() -> None:
     assert early is not None and early.service_p99_s == pytest.approx(4.0)
     assert late is not None and late.service_p99_s == pytest.approx(0.05)
     assert late.items == 51
+
+
+def test_a_window_without_a_finished_batch_keeps_the_last_service_time() -> None:
+    # Batches of 5 s against a 3 s window: windows without a finished batch still report
+    # 5 s, not 0 (which would let a slow teacher pass the latency SLO every other window).
+    rate = TeacherRate(span_s=30.0)
+    rate.record(100, 0.0, 5.0)
+    for now in (5.5, 8.1):
+        sample = rate.measure(now, service_span_s=3.0)
+        assert sample is not None and sample.service_p99_s == pytest.approx(5.0)
