@@ -180,8 +180,12 @@ async def test_canary_share_then_rollback_through_the_bridge(
         # The uplink's own figures: bytes the broker acknowledged, and a measured RTT.
         assert status["rtt_ms"] is not None
         assert status["rtt_ms"] > 0
-        assert status["uplink_bytes_per_s"] is not None
-        assert status["uplink_bytes_per_s"] > 0
+        # The rate is per status interval: the one right after a model swap can be 0
+        # (inference paused while the model loads), so look at the whole run.
+        rates = [r["uplink_bytes_per_s"] for r in collector.of("DeviceStatus")
+                 if r["device_id"] == d]  # fmt: skip
+        assert rates and all(rate is not None for rate in rates)
+        assert max(rates) > 0
     assert {d: (s or {}).get("model_version") for d, s in at_canary.items()} == {
         **dict.fromkeys(members, 2),
         **dict.fromkeys(others, 1),
