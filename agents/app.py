@@ -299,10 +299,10 @@ class _AgentFactory:
     """Registers one stage as a Faust agent: a `take_events` loop around its batch body,
     with the stage's offset ledger (agents/offset_ledger.py)."""
 
-    def __init__(
-        self, app: Any, ctx: Context, topic: Callable[[str], Any], ledgers: list[OffsetLedger]
-    ) -> None:
-        self.app, self.ctx, self.topic, self.ledgers = app, ctx, topic, ledgers
+    def __init__(self, app: Any, ctx: Context, topic: Callable[[str], Any]) -> None:
+        self.app, self.ctx, self.topic = app, ctx, topic
+        # One offset ledger per stage (several stages read the same topics).
+        self.ledgers: list[OffsetLedger] = []
 
     def __call__(
         self,
@@ -387,9 +387,7 @@ def make_app(
     }
     stages = Stages(ctx, tables)
 
-    # One offset ledger per stage (several stages read the same topics).
-    ledgers: list[OffsetLedger] = []
-    agent = _AgentFactory(app, ctx, topic, ledgers)
+    agent = _AgentFactory(app, ctx, topic)
 
     agent(FLEET, "fleet", lambda b: stages.devices(b, "fleet"))
     agent(STATUS, "status", lambda b: stages.devices(b, "status"))
@@ -426,7 +424,7 @@ def make_app(
 
     async def partitions_moved(*_: Any, **__: Any) -> None:
         stages.forget()
-        for ledger in ledgers:
+        for ledger in agent.ledgers:
             ledger.forget()
 
     # Registered by call, not as decorators: Faust's decorators are untyped.

@@ -210,10 +210,8 @@ class Context:
         assigned but unread. At-least-once: records after the commit are read again, with
         the same output ids."""
         consumer = self.app.consumer
-        thread = consumer._thread  # faust: the aiokafka consumer runs in its own thread
-        aio = thread._ensure_consumer()
         part = TopicPartition(tp.topic, tp.partition)
-        offset = await thread.call_thread(aio.committed, part)
+        offset = await self._broker_committed(part)
         if offset is None:
             offset = (await consumer.earliest_offsets(part))[part]
         await consumer.seek_wait({part: offset})
@@ -231,10 +229,7 @@ class Context:
         if offset is not None:
             return int(offset)
         try:
-            thread = consumer._thread  # the aiokafka consumer runs in its own thread
-            aio = thread._ensure_consumer()
-            part = TopicPartition(topic, partition)
-            committed = await thread.call_thread(aio.committed, part)
+            committed = await self._broker_committed(TopicPartition(topic, partition))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # mid-rebalance the coordinator may refuse: learn instead
@@ -243,7 +238,14 @@ class Context:
                 extra={"topic": topic, "partition": partition, "error": repr(exc)},
             )
             return None
-        return None if committed is None else int(committed)
+        return committed
+
+    async def _broker_committed(self, part: TopicPartition) -> int | None:
+        """The group's committed offset of `part` as the broker has it (None: never)."""
+        thread = self.app.consumer._thread  # faust: aiokafka runs in its own thread
+        aio = thread._ensure_consumer()
+        offset = await thread.call_thread(aio.committed, part)
+        return None if offset is None else int(offset)
 
     async def fill_holes(
         self,

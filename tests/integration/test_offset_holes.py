@@ -22,7 +22,7 @@ from edgeloop.agents.app import _AgentFactory
 from edgeloop.agents.backfill import HoleReadError, read_hole
 from edgeloop.agents.context import Context
 from edgeloop.agents.metrics import AgentMetrics
-from edgeloop.agents.offset_ledger import Hole, OffsetLedger
+from edgeloop.agents.offset_ledger import Hole
 from edgeloop.agents.records import Raw
 from edgeloop.agents.settings import AgentsSettings
 from edgeloop.core.settings import KafkaSettings, RegistrySettings
@@ -109,8 +109,7 @@ async def run_stage(
         handed.extend(r.offset for r in batch)
         acked_when_handed.append(len(stream.acked))
 
-    ledgers: list[OffsetLedger] = []
-    _AgentFactory(app, ctx, lambda name: name, ledgers)(topic, "enrich", body)
+    _AgentFactory(app, ctx, lambda name: name)(topic, "enrich", body)
     assert app.loop is not None
     await app.loop(stream)
     return handed, stream, acked_when_handed
