@@ -26,8 +26,10 @@ device's events recovers exactly that device's state after a rebalance.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -38,12 +40,13 @@ from edgeloop.agents.context import FLEET, STATUS, Context, now_us
 from edgeloop.agents.control.settings import ControlSettings
 from edgeloop.agents.dead_letter import dead_letter
 from edgeloop.agents.dedupe import DedupeState
+from edgeloop.agents.eager_drain import EagerDrainConsumer
 from edgeloop.agents.enrich import from_device_record, from_status
 from edgeloop.agents.enrich_stage import INFERENCE, EnrichStep
 from edgeloop.agents.hardness import RouterConfig
 from edgeloop.agents.metrics import AgentMetrics
 from edgeloop.agents.offset_ledger import OffsetLedger
-from edgeloop.agents.records import Out, Raw, StepResult
+from edgeloop.agents.records import Observer, Out, Raw, StepResult
 from edgeloop.agents.settings import AgentsSettings
 from edgeloop.agents.verdict_stage import OFFLOAD, Prepared, RouterPolicy, VerdictStep
 from edgeloop.core.errors import DecodeError, EdgeloopError
@@ -116,6 +119,8 @@ class Stages:
         self.metrics = ctx.metrics
         self.tables = tables
         self._enrich: EnrichStep | None = None
+        # The control plane's observer factory (None: control off); see `enrich`.
+        self.observer: Callable[[], Observer] | None = None
         self._verdicts: VerdictStep | None = None
         self.dedupe = {
             name: DedupeState(
@@ -210,10 +215,16 @@ class Stages:
         await ctx.learn(batch)
         seen = self.tables["dedupe-inference"]
         dedupe = self.dedupe["dedupe-inference"]
+        # The control log's observations of this batch's events go out with its outputs
+        # (acknowledged together, so the same at-least-once; duplicates dropped by dedupe
+        # are not observed).
+        observer = self.observer() if self.observer is not None else None
         result = self._enrich.run(
-            batch, dedupe, _lookup(self.tables["fleet"]), _lookup(self.tables["status"]), now_us()
-        )
-        await ctx.produce(result.outputs)
+            batch, dedupe, _lookup(self.tables["fleet"]), _lookup(self.tables["status"]),
+            now_us(), observe=observer.add if observer is not None else None,
+        )  # fmt: skip
+        outputs = result.outputs if observer is None else result.outputs + observer.records()
+        await ctx.produce(outputs)
         dedupe.acked()  # only now may its windows reach the table
         _write_back(seen, dedupe)
         self.metrics.record("enrich", result)
@@ -257,6 +268,14 @@ def _bootstrap(kafka: KafkaSettings) -> str:
 
 
 def _faust_app(s: AgentsSettings, kafka: KafkaSettings) -> Any:
+    app = _faust_app_with_settings(s, kafka)
+    # The fetch loop hands each message to its streams without four tasks per message
+    # (agents/eager_drain.py); an instance attribute, so no other app is touched.
+    app.transport.Consumer = EagerDrainConsumer
+    return app
+
+
+def _faust_app_with_settings(s: AgentsSettings, kafka: KafkaSettings) -> Any:
     return faust.App(
         s.app_id,
         broker=_bootstrap(kafka),
@@ -287,12 +306,13 @@ def _faust_app(s: AgentsSettings, kafka: KafkaSettings) -> Any:
     )
 
 
-def _controls(app: Any, ctx: Context, control: ControlSettings, agent: Any) -> None:
-    """Add the control plane's agents (agents/control_app.py) when enabled."""
+def _controls(app: Any, ctx: Context, control: ControlSettings, agent: Any, stages: Stages) -> None:
+    """Add the control plane's agents (agents/control_app.py) when enabled; the enrich
+    stage then observes its InferenceEvents for the control log."""
     if control.wiring.enabled:
         from edgeloop.agents.control_app import register
 
-        register(app, ctx, control, agent)
+        stages.observer = register(app, ctx, control, agent).observer
 
 
 class _AgentFactory:
@@ -303,6 +323,7 @@ class _AgentFactory:
         self.app, self.ctx, self.topic = app, ctx, topic
         # One offset ledger per stage (several stages read the same topics).
         self.ledgers: list[OffsetLedger] = []
+        self._stages: list[_Stage] = []
 
     def __call__(
         self,
@@ -315,24 +336,67 @@ class _AgentFactory:
         size = take or (ctx.settings.batch_max, ctx.settings.batch_within_s)
         ledger = OffsetLedger(exempt=COMPACTED)
         self.ledgers.append(ledger)
+        # `source`: a topic name, or a channel built by the caller (several topics).
+        channel = self.topic(source) if isinstance(source, str) else source
+        topics = getattr(channel, "topics", None) or (source,)  # a test passes plain names
+        entry = _Stage(stage, body, ledger, frozenset(topics))
+        self._stages.append(entry)
 
         async def loop(stream: Any) -> None:
             await ctx.ready.wait()
             async for events in stream.take_events(*size):
                 batch = _raws(events)
-                holes = await ledger.observe(batch, ctx.committed_offset)
+                # One batch at a time per stage, the tail sweep's included (the bodies
+                # keep per-stage state, like the dedupe windows).
+                async with entry.lock:
+                    holes = await ledger.observe(batch, ctx.committed_offset)
 
-                async def handle(b: list[Raw] = batch) -> None:
-                    await body(b)
+                    async def handle(b: list[Raw] = batch) -> None:
+                        await body(b)
 
-                await ctx.guarded(stage, batch, handle)
-                # Before this batch is acknowledged: Faust may count a hole as done.
-                await ctx.fill_holes(stage, holes, body)
+                    await ctx.guarded(stage, batch, handle)
+                    # Before this batch is acknowledged: Faust may count a hole as done.
+                    await ctx.fill_holes(stage, holes, body)
 
         loop.__name__ = loop.__qualname__ = stage
-        # `source`: a topic name, or a channel built by the caller (several topics).
-        channel = self.topic(source) if isinstance(source, str) else source
         self.app.agent(channel, name=stage, concurrency=1)(loop)
+
+    async def sweep_tails(self) -> None:
+        """Hand each stage the records Faust read but dropped at a partition's tail
+        (`OffsetLedger.tail_holes`), for a timer: never raises (an exception in a Faust
+        timer stops the app)."""
+        ctx = self.ctx
+        try:
+            consumer = self.app.consumer
+            read = [
+                (tp.topic, tp.partition, offset + 1)
+                for tp in consumer.assignment()
+                if (offset := consumer._read_offset.get(tp)) is not None  # faust: private
+            ]
+            for entry in self._stages:
+                mine = [r for r in read if r[0] in entry.topics]
+                if not mine or entry.lock.locked():
+                    continue  # a batch in flight: its records may be the "hole"
+                async with entry.lock:
+                    holes = await entry.ledger.tail_holes(
+                        mine, ctx.committed_offset, time.monotonic(), ctx.settings.stall_s
+                    )
+                    await ctx.fill_holes(entry.name, holes, entry.body)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("tail sweep failed; the next tick tries again", exc_info=True)
+
+
+@dataclass
+class _Stage:
+    """One registered stage, for the tail sweep."""
+
+    name: str
+    body: Callable[[list[Raw]], Awaitable[None]]
+    ledger: OffsetLedger
+    topics: frozenset[str]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def make_app(
@@ -396,7 +460,7 @@ def make_app(
         take = (s.verdict_batch_max, s.verdict_batch_within_s)
         agent(OFFLOAD, "verdicts", stages.verdicts, take)
 
-    _controls(app, ctx, control or ControlSettings(), agent)
+    _controls(app, ctx, control or ControlSettings(), agent, stages)
 
     async def start() -> None:
         await ctx.start()
@@ -433,6 +497,7 @@ def make_app(
     app.task(start)
     app.timer(s.teacher_reload_s)(reload_teacher)
     app.timer(5.0)(consumer_lag)
+    app.timer(max(s.stall_s / 3, 0.5))(agent.sweep_tails)
     app.timer(max(s.dedupe_flush_s, 0.1))(flush_dedupe)
     app.page("/metrics")(metrics_page)
 

@@ -23,13 +23,33 @@ class HoleReadError(EdgeloopError):
     retriable = True
 
 
+class HoleUnreadableError(EdgeloopError):
+    """The broker answers but serves nothing at the hole's next offset, below its high
+    watermark (seen on Tansu 0.6): waiting longer would stop the stage for good.
+
+    `records` holds what was read before that offset, `position` the offset."""
+
+    retriable = False
+
+    def __init__(self, message: str, *, records: list[Raw], position: int) -> None:
+        super().__init__(message)
+        self.records = records
+        self.position = position
+
+
+# Empty fetches in a row, with the broker answering and the high watermark above the read
+# position, after which the offset is taken as unservable (500 ms each).
+STUCK_POLLS = 10
+
+
 async def read_hole(
     bootstrap: str, hole: Hole, *, timeout_s: float = 30.0, max_bytes: int = 1 << 20
 ) -> list[Raw]:
     """The records at offsets [hole.start, hole.end) of the hole's partition, in order.
 
     Offsets that do not exist (compaction, transaction markers, retention before the
-    log start) are simply absent from the result.
+    log start, offsets at or past the partition's high watermark) are simply absent from
+    the result: the read ends when it reaches `hole.end` or the high watermark.
 
     Args:
         bootstrap: the Kafka bootstrap servers, host:port[,host:port...].
@@ -38,7 +58,9 @@ async def read_hole(
         max_bytes: the largest record expected (the agents' `max_message_bytes`).
 
     Raises:
-        HoleReadError: the read did not reach `hole.end` within `timeout_s`.
+        HoleReadError: the broker did not answer within `timeout_s` (retriable).
+        HoleUnreadableError: the broker answered but served nothing at the read position,
+            below its high watermark, for `STUCK_POLLS` fetches.
     """
     tp = TopicPartition(hole.topic, hole.partition)
     consumer = AIOKafkaConsumer(
@@ -55,13 +77,31 @@ async def read_hole(
             await consumer.start()
             consumer.assign([tp])
             consumer.seek(tp, hole.start)
-            while await consumer.position(tp) < hole.end:
+            stuck = 0
+            while (position := await consumer.position(tp)) < hole.end:
                 batches = await consumer.getmany(tp, timeout_ms=500)
-                for rec in batches.get(tp, []):
+                records = batches.get(tp, [])
+                for rec in records:
                     if hole.start <= rec.offset < hole.end:
                         out.append(
                             Raw(rec.value or b"", rec.key, rec.topic, rec.partition, rec.offset)
                         )
+                if records:
+                    stuck = 0
+                    continue
+                high = consumer.highwater(tp)  # None until the broker answered a fetch
+                if high is None:
+                    continue
+                if high <= position:
+                    break  # the rest of the hole does not exist (yet): nothing to hand over
+                stuck += 1
+                if stuck >= STUCK_POLLS:
+                    raise HoleUnreadableError(
+                        f"{hole.topic}/{hole.partition}: the broker serves nothing at offset "
+                        f"{position} below its high watermark {high} ({len(out)} read)",
+                        records=out,
+                        position=position,
+                    )
     except TimeoutError as exc:
         raise HoleReadError(
             f"could not read {hole.topic}/{hole.partition} offsets "

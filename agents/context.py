@@ -18,7 +18,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from faust.types import TP
 
-from edgeloop.agents.backfill import read_hole
+from edgeloop.agents.backfill import HoleUnreadableError, read_hole
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.dead_letter import dead_letter
 from edgeloop.agents.enrich_stage import ENRICHED, ENRICHED_TOPIC, INFERENCE
@@ -265,6 +265,7 @@ class Context:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self.metrics.holes_unread.labels(stage, hole.topic).inc()
                 log.exception(
                     "could not read skipped source offsets; they are lost to this stage",
                     extra={"stage": stage, "topic": hole.topic, "partition": hole.partition,
@@ -280,7 +281,17 @@ class Context:
                    "start": hole.start, "end": hole.end},
         )  # fmt: skip
         self.metrics.holes.labels(stage, hole.topic).inc()
-        missed: list[Raw] = await self.retry("kafka", self._read_hole, hole)
+        try:
+            missed: list[Raw] = await self.retry("kafka", self._read_hole, hole)
+        except HoleUnreadableError as exc:
+            # What came before the unservable offset is still handed over.
+            self.metrics.holes_unread.labels(stage, hole.topic).inc()
+            log.error(  # noqa: TRY400 - the message says it all; no traceback
+                "could not read skipped source offsets; they are lost to this stage",
+                extra={"stage": stage, "topic": hole.topic, "partition": hole.partition,
+                       "start": exc.position, "end": hole.end, "error": str(exc)},
+            )  # fmt: skip
+            missed = exc.records
         self.metrics.hole_records.labels(stage).inc(len(missed))
         if missed:
 

@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -42,6 +42,7 @@ from edgeloop.agents.control_stage import (
     decode,
     encode,
     observation,
+    pack,
     tick,
 )
 from edgeloop.agents.records import Out, Raw
@@ -52,8 +53,10 @@ from edgeloop.schemas import catalog
 
 log = get_logger(__name__)
 
+# The forwarder's sources. InferenceEvents, by far the most records, are observed by the
+# enrich stage, which decodes them anyway (`ControlAgents.observer`): forwarding them here
+# too cost a second Faust delivery and decode of every event.
 SOURCES = (
-    "edge.inference.v1",
     "edge.offload.v1",
     "edge.status.v1",
     "cloud.verdicts.v1",
@@ -197,6 +200,27 @@ class ControlMetrics:
         self.hard.set(state.triggers.uncovered if state.triggers is not None else 0)
 
 
+class LogObserver:
+    """One batch's observations for the control log (`agents.records.Observer`)."""
+
+    def __init__(self, log_topic: str, metrics: ControlMetrics) -> None:
+        self.log_topic = log_topic
+        self.metrics = metrics
+        self.observations: list[dict[str, Any]] = []
+
+    def add(self, schema_name: str, rec: Mapping[str, Any], raw: Raw) -> None:
+        try:
+            obs = observation(schema_name, rec, raw)
+        except (KeyError, TypeError, ValueError):
+            self.metrics.skipped.labels("control-forward", "malformed").inc()
+            return
+        if obs is not None:
+            self.observations.append(obs)
+
+    def records(self) -> list[Out]:
+        return [Out(self.log_topic, LOG_KEY, value) for value in pack(self.observations)]
+
+
 class ControlAgents:
     """The batch bodies of the control agents."""
 
@@ -220,27 +244,26 @@ class ControlAgents:
         """Partitions moved: the cached state may be stale (re-read from the table)."""
         self._state = None
 
+    def observer(self) -> LogObserver:
+        """A new batch's observer (the enrich stage's and the forwarder's)."""
+        return LogObserver(self.log_topic, self.metrics)
+
     async def forward(self, batch: list[Raw]) -> None:
-        """Source records -> observations on the control log. A record that does not
-        decode is counted here and dead-lettered by its data-plane stage."""
+        """Source records -> observations on the control log, packed (`pack`). A record
+        that does not decode is counted here and dead-lettered by its data-plane stage."""
         ctx = self.ctx
         book = ctx.book
         assert book is not None
         await ctx.learn(batch)
-        outs = []
+        observer = self.observer()
         for raw in batch:
             try:
                 schema, rec = book.decode(raw.value)
-                obs = observation(schema.name, rec, raw)
             except DecodeError as exc:
                 self.metrics.skipped.labels("control-forward", exc.reason).inc()
                 continue
-            except (KeyError, TypeError, ValueError):
-                self.metrics.skipped.labels("control-forward", "malformed").inc()
-                continue
-            if obs is not None:
-                outs.append(Out(self.log_topic, LOG_KEY, encode(obs)))
-        await ctx.produce(outs)
+            observer.add(schema.name, rec, raw)
+        await ctx.produce(observer.records())
 
     async def tick(self) -> None:
         """Append a clock tick (never raises: an exception in a Faust timer stops the app)."""
@@ -291,7 +314,10 @@ class ControlAgents:
         produced: list[Output] = []
         for raw in batch:
             try:
-                produced.extend(self.step.apply(decode(raw.value), raw.offset, state))
+                outputs, malformed = self.step.apply_record(decode(raw.value), raw.offset, state)
+                produced.extend(outputs)
+                if malformed:
+                    self.metrics.skipped.labels("control", "malformed").inc(malformed)
             except (KeyError, TypeError, ValueError) as exc:
                 # Our own log's record is malformed (a bug): counted, logged, skipped.
                 log.exception(

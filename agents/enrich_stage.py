@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.dead_letter import dead_letter
@@ -34,6 +35,7 @@ ENRICHED_TOPIC = "edge.inference.enriched.v1"
 STAGE = "agents-enrich"
 
 TailLookup = Callable[[str], bytes | None]
+Observe = Callable[[str, dict[str, Any], Raw], None]
 
 
 class EnrichStep:
@@ -53,6 +55,8 @@ class EnrichStep:
         fleet: TailLookup,
         status: TailLookup,
         now_us: int,
+        *,
+        observe: Observe | None = None,
     ) -> StepResult:
         """Enrich `batch`; returns the records to produce (in order) and the tally.
 
@@ -63,6 +67,9 @@ class EnrichStep:
             fleet: device id -> fleet tail (registered devices).
             status: device id -> tail from its latest DeviceStatus.
             now_us: the clock, for dead letters.
+            observe: called with (schema name, decoded event, raw) for each event
+                enriched (not for duplicates or dead letters): the control plane's
+                observations, without decoding the batch a second time.
         """
         result = StepResult()
         tally = result.tally
@@ -91,6 +98,8 @@ class EnrichStep:
                     value = self._reencode(event, tail)
                 outputs.append(Out(ENRICHED_TOPIC, raw.key, value))
                 enriched += 1
+                if observe is not None:
+                    observe(schema.name, event, raw)
             except (DecodeError, EncodeError) as exc:
                 reason = exc.reason if isinstance(exc, DecodeError) else "incompatible_writer"
                 self._dead(result, raw, reason, str(exc), now_us)

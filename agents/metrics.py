@@ -91,6 +91,12 @@ class AgentMetrics:
             ["stage"],
             registry=r,
         )
+        self.holes_unread = Counter(
+            "edgeloop_agents_offset_holes_unread_total",
+            "Holes whose records could not be read (logged with their offsets): lost to the stage",
+            ["stage", "topic"],
+            registry=r,
+        )
         self.retries = Counter(
             "edgeloop_agents_retries_total",
             "Waits for Kafka, the registry or the teacher to come back",

@@ -60,10 +60,14 @@ class OffsetLedger:
     def __init__(self, exempt: Collection[str] = ()) -> None:
         self._exempt = frozenset(exempt)
         self._next: dict[TP, int] = {}
+        # Per partition whose read position is ahead of the stage: the expected offset
+        # then, and since when (monotonic seconds). See `tail_holes`.
+        self._behind: dict[TP, tuple[int, float]] = {}
 
     def forget(self) -> None:
         """After a rebalance: each partition starts again from the group's commit."""
         self._next.clear()
+        self._behind.clear()
 
     async def observe(
         self,
@@ -93,4 +97,55 @@ class OffsetLedger:
                 holes.append(Hole(raw.topic, raw.partition, expected, raw.offset))
             # At or below the expected offset: in order, or read again (Faust's seek to the
             # commit after a rebalance, the stall watchdog's re-seek): nothing missed.
+        return holes
+
+    async def tail_holes(
+        self,
+        read: Iterable[tuple[str, int, int]],
+        committed: Callable[[str, int], Awaitable[int | None]],
+        now: float,
+        quiet_s: float,
+    ) -> list[Hole]:
+        """Holes at a partition's tail: records Faust read but never handed to the stage,
+        with nothing after them yet, so no later batch reveals them (`observe` cannot).
+
+        Faust moves a partition's read position past a message whose hand-off a
+        rebalance interrupted; when no record follows, the stage just stops short of the
+        partition's end. A partition whose read position has been ahead of the offset
+        the stage expects, with that offset unmoved, for `quiet_s` is such a hole. Call
+        it only while the stage handles no batch: records still queued for the stage
+        reach it within its batch wait, so after `quiet_s` they were dropped.
+
+        Args:
+            read: (topic, partition, next offset after the last one Faust read) of each
+                assigned source partition.
+            committed: as for `observe` (the expected offset before any batch).
+            now: monotonic seconds.
+            quiet_s: how long the read position must stay ahead, unanswered.
+
+        Returns:
+            One `Hole` per such partition, [expected, read); the ledger then expects the
+            read position (the caller hands the hole's records to the stage).
+        """
+        holes: list[Hole] = []
+        for topic, partition, position in read:
+            if topic in self._exempt:
+                continue
+            tp = (topic, partition)
+            expected = self._next.get(tp)
+            if expected is None:
+                expected = await committed(topic, partition)
+                if expected is None:
+                    continue
+            if position <= expected:
+                self._behind.pop(tp, None)
+                continue
+            first = self._behind.get(tp)
+            if first is None or first[0] != expected:
+                self._behind[tp] = (expected, now)
+                continue
+            if now - first[1] >= quiet_s:
+                holes.append(Hole(topic, partition, expected, position))
+                self._next[tp] = position
+                del self._behind[tp]
         return holes

@@ -4,7 +4,9 @@ out, and a tally for the metrics. Plain data, no Faust."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +48,15 @@ class StepResult:
     def emit(self, out: Out) -> None:
         self.outputs.append(out)
         self.tally[f"out:{out.topic}"] += 1
+
+
+class Observer(Protocol):
+    """Collects the control plane's observations of one batch's source records and
+    hands them back as records to produce with the batch's outputs."""
+
+    def add(self, schema_name: str, rec: Mapping[str, Any], raw: Raw) -> None:
+        """Observe one decoded source record (one the control plane does not use adds
+        nothing; a malformed one is counted, never raised)."""
+
+    def records(self) -> list[Out]:
+        """The observations so far as control-log records."""

@@ -55,7 +55,9 @@ class AgentsSettings(_Base):
     session_timeout_s: float = Field(10.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0)
     # A source partition behind its high watermark whose read position has not moved for
-    # this long is treated as stalled (see Context.update_lag) and resumed.
+    # this long is treated as stalled (see Context.update_lag) and resumed; one whose read
+    # position stays ahead of what its stage was handed for this long, with the stage
+    # idle, has a tail hole (OffsetLedger.tail_holes) and is read directly.
     stall_s: float = Field(15.0, gt=0)
     producer_linger_ms: int = Field(5, ge=0)
     producer_max_batch_bytes: int = Field(256 * 1024, ge=1024)

@@ -111,3 +111,24 @@ def test_each_malformed_class_is_dead_lettered_with_its_reason() -> None:
 def test_source_of_reads_the_tail() -> None:
     for source in ("FLEET", "STATUS", "NONE"):
         assert source_of(Enrichment(source, "c").tail()) == source  # type: ignore[arg-type]
+
+
+def test_the_control_plane_observes_each_enriched_event_once_and_no_duplicate() -> None:
+    """The enrich stage hands the control log its observations (no second decode): every
+    enriched event once, a duplicate dropped by dedupe and a dead letter never."""
+    b = book()
+    step = EnrichStep(b, dlq_payload_bytes=64)
+    good = [frame("InferenceEvent", inference("d", s)) for s in (1, 2)]
+    batch = [
+        raw(good[0], "d"),
+        raw(good[1], "d"),
+        raw(good[0], "d"),
+        raw(b"\x01" + good[1][1:], "d"),
+    ]
+    seen: list[tuple[str, int]] = []
+    result = step.run(
+        batch, BatchDedupe(64, {}.get), {}.get, {}.get, now_us=1,
+        observe=lambda name, event, _raw: seen.append((name, event["seq"])),
+    )  # fmt: skip
+    assert seen == [("edgeloop.v1.InferenceEvent", 1), ("edgeloop.v1.InferenceEvent", 2)]
+    assert result.tally["duplicate"] == 1 and result.tally["dlq:bad_magic"] == 1

@@ -57,3 +57,31 @@ def test_cancellation_still_propagates() -> None:
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(ctx.guarded("enrich", [], body))
     assert produced == []
+
+
+def test_a_hole_the_broker_cannot_serve_hands_over_what_was_read_and_moves_on() -> None:
+    """A kill run on Tansu: a one-offset hole the broker never served was retried for good
+    and the enrich stage stopped. Now the records read before the unservable offset reach
+    the stage, the rest is logged and counted as lost, and the stage goes on."""
+    from edgeloop.agents.backfill import HoleUnreadableError
+    from edgeloop.agents.offset_ledger import Hole
+
+    ctx, _ = _context()
+    got = [raw(frame("InferenceEvent", inference("d", s)), "d", offset=s) for s in (3, 4)]
+    calls = 0
+
+    async def read(hole: Hole) -> list:  # type: ignore[type-arg]
+        nonlocal calls
+        calls += 1
+        raise HoleUnreadableError("nothing at 5", records=got, position=5)
+
+    ctx._read_hole = read  # type: ignore[method-assign]
+    handed: list[int] = []
+
+    async def body(batch: list) -> None:  # type: ignore[type-arg]
+        handed.extend(r.offset for r in batch)
+
+    hole = Hole("edge.inference.v1", 0, 3, 9)
+    asyncio.run(asyncio.wait_for(ctx.fill_holes("enrich", [hole], body), 10))
+    assert calls == 1 and handed == [3, 4]
+    assert ctx.metrics.holes_unread.labels("enrich", "edge.inference.v1")._value.get() == 1

@@ -13,6 +13,7 @@ from edgeloop.agents.control.settings import (
     TriggerSettings,
 )
 from edgeloop.agents.control_stage import (
+    PACK_MAX_BYTES,
     SIGNALS_TOPIC,
     THRESHOLDS_TOPIC,
     TRIGGERS_TOPIC,
@@ -24,6 +25,7 @@ from edgeloop.agents.control_stage import (
     encode,
     manual,
     observation,
+    pack,
     tick,
 )
 from edgeloop.agents.records import Raw
@@ -497,3 +499,52 @@ def test_the_workers_service_time_reaches_the_fleet_signals_for_the_latency_slo(
     assert "teacher_service_p99_ms" not in fleet[0]
     assert all(v["teacher_service_p99_ms"] == 250.0 for v in fleet[1:])
     assert snapshot(state).teachers["host:1"]["service_p99_ms"] == 250.0
+
+
+def run_packed(
+    step: ControlStep, log: list[dict[str, Any]], state: ControlState, per_record: int
+) -> list[Output]:
+    """The log as the worker writes it: each source batch's observations packed."""
+    out: list[Output] = []
+    records = [
+        value for i in range(0, len(log), per_record) for value in pack(log[i : i + per_record])
+    ]
+    for offset, value in enumerate(records):
+        outputs, malformed = step.apply_record(decode(value), offset, state)
+        assert malformed == 0
+        out.extend(outputs)
+    return out
+
+
+def test_a_packed_log_yields_the_same_records_as_one_observation_per_record() -> None:
+    log = scripted_log()
+    single = run(ControlStep(settings()), log, ControlState())
+    packed = run_packed(ControlStep(settings()), log, ControlState(), per_record=97)
+    assert single and packed == single
+
+
+def test_a_redelivered_packed_record_counts_nothing_twice() -> None:
+    step, state = ControlStep(settings()), ControlState()
+    record = decode(pack(scripted_log(windows=1))[0])
+    first, _ = step.apply_record(record, 7, state)
+    again, malformed = step.apply_record(record, 7, state)
+    assert first and again == [] and malformed == 0
+    assert state.offset == 7
+
+
+def test_a_malformed_observation_in_a_packed_record_costs_only_itself() -> None:
+    log = scripted_log(windows=2)
+    broken = [*log[:5], {"k": "inf", "cohort": "north"}, {"k": "nope"}, *log[5:]]
+    out, malformed = ControlStep(settings()).apply_record(
+        decode(pack(broken)[0]), 0, ControlState()
+    )
+    assert malformed == 2
+    assert out == run(ControlStep(settings()), log, ControlState())
+
+
+def test_packing_splits_a_large_batch_below_the_record_size_bound() -> None:
+    log = scripted_log(windows=20)
+    records = pack(log)
+    assert len(records) > 1
+    assert all(len(r) <= PACK_MAX_BYTES + 64 for r in records)
+    assert [o for r in records for o in decode(r)["obs"]] == json.loads(json.dumps(log))

@@ -93,3 +93,53 @@ def test_forget_asks_the_commit_again_for_every_partition() -> None:
     ledger.forget()
     observe(ledger, raws(INF, 0, 12), commits)
     assert commits.asked == [(INF, 0), (INF, 0)]
+
+
+def tail(
+    ledger: OffsetLedger, read: list[tuple[str, int, int]], now: float,
+    commits: Commits | None = None,
+) -> list[Hole]:  # fmt: skip
+    return asyncio.run(ledger.tail_holes(read, commits or Commits(), now, quiet_s=15))
+
+
+def test_records_dropped_at_a_partitions_tail_are_a_hole_once_the_stage_stays_short() -> None:
+    """Faust read offsets 10..19 of p3 but the stage got only up to 12, and nothing
+    follows them: after the quiet time the missing tail is a hole, exactly once."""
+    ledger = OffsetLedger()
+    observe(ledger, raws("hard", 3, 10, 11, 12))
+    assert tail(ledger, [("hard", 3, 20)], now=0) == []  # may still be queued for the stage
+    assert tail(ledger, [("hard", 3, 20)], now=10) == []
+    assert tail(ledger, [("hard", 3, 20)], now=15) == [Hole("hard", 3, 13, 20)]
+    assert tail(ledger, [("hard", 3, 20)], now=40) == []  # handed over: expected is 20 now
+    # The records reach the stage again later (a re-seek): read again, not a hole.
+    assert observe(ledger, raws("hard", 3, *range(13, 21))) == []
+
+
+def test_a_stage_that_keeps_moving_has_no_tail_hole() -> None:
+    ledger = OffsetLedger()
+    for t, last in enumerate(range(100, 200, 10)):
+        observe(ledger, raws("inf", 0, *range(last - 10, last)))
+        assert tail(ledger, [("inf", 0, last + 50)], now=t * 10.0) == []
+
+
+def test_a_tail_dropped_before_the_stage_saw_any_record_starts_at_the_commit() -> None:
+    ledger = OffsetLedger()
+    commits = Commits(hard_5=151)
+    assert tail(ledger, [("hard", 5, 163)], now=0, commits=commits) == []
+    assert tail(ledger, [("hard", 5, 163)], now=20, commits=commits) == [Hole("hard", 5, 151, 163)]
+
+
+def test_no_tail_hole_without_a_commit_or_on_a_compacted_topic() -> None:
+    ledger = OffsetLedger(exempt={"fleet"})
+    for now in (0, 30):
+        assert tail(ledger, [("hard", 1, 9), ("fleet", 0, 9)], now=now) == []
+
+
+def test_a_rebalance_restarts_the_quiet_time() -> None:
+    ledger = OffsetLedger()
+    observe(ledger, raws("hard", 3, 1))
+    assert tail(ledger, [("hard", 3, 9)], now=0) == []
+    ledger.forget()
+    observe(ledger, raws("hard", 3, 2), Commits(hard_3=2))
+    assert tail(ledger, [("hard", 3, 9)], now=16) == []
+    assert tail(ledger, [("hard", 3, 9)], now=31) == [Hole("hard", 3, 3, 9)]
