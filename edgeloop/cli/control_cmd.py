@@ -46,6 +46,7 @@ class CapacityValue(click.ParamType):
 
         Raises:
             click.BadParameter: not a positive finite number (names the value).
+            click.NoSuchOption: not a number, and spelled as an option (`--bogus`).
         """
         if isinstance(value, float):
             per_s = value

@@ -88,7 +88,8 @@ class _Base(BaseSettings):
         files only, and there it refuses every other model's variables too), so a typo
         (EDGELOOP_CONTROL_LATENCY_SLO_MSS) silently left a default in force. A variable
         under a longer prefix of `SETTINGS_PREFIXES` belongs to that model, not this one.
-        docs/architecture.md ("Control plane", "Settings") says why this is an error.
+        docs/architecture.md ("Settings are checked before anything runs") says why this
+        is an error, not a warning.
 
         Args:
             environ: the process environment.

@@ -139,3 +139,13 @@ def test_a_capacity_above_the_ceiling_is_used_with_a_warning_naming_both(
     assert appended[-1][1]["per_s"] == 80.0  # not clamped
     result = _run(tmp_path, "control", "capacity", "50", **env)
     assert result.exit_code == 0 and "warning" not in result.stderr
+
+
+def test_an_unknown_option_of_capacity_is_still_reported_as_an_option(
+    tmp_path: Path, appended: list[tuple[str, dict[str, Any]]]
+) -> None:
+    # PER_S takes what looks like an option (for `-1`); a misspelled option is not a value.
+    result = _run(tmp_path, "control", "capacity", "--clearr")
+    assert result.exit_code == 2
+    assert "No such option: --clearr" in result.stderr
+    assert appended == []
