@@ -129,11 +129,24 @@ def mine(out: Path | None, hard_out: Path, seed: int) -> None:
     help="Trainer home [$EDGELOOP_HOME/trainer]. [env EDGELOOP_TRAINER_HOME]",
 )
 @click.option("--epochs", type=int, help="Epochs per retrain. [env EDGELOOP_TRAINER_EPOCHS]")
-@click.option("--nproc", type=int, help="Processes under torchrun (one per GPU).")
-@click.option("--threads", type=int, help="CPU threads per process.")
-@click.option("--canary-cohort", help="Cohort a release goes to first.")
-@click.option("--artifact-base-url", help="Where devices download artifacts (the served store).")
-@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port.")
+@click.option(
+    "--nproc", type=int, help="Processes under torchrun (one per GPU). [env EDGELOOP_TRAINER_NPROC]"
+)
+@click.option("--threads", type=int, help="CPU threads per process. [env EDGELOOP_TRAINER_THREADS]")
+@click.option(
+    "--canary-cohort",
+    help="Cohort a release goes to first. [env EDGELOOP_TRAINER_CANARY_COHORT; default canary]",
+)
+@click.option(
+    "--artifact-base-url",
+    help="Where devices download artifacts (the served store). "
+    "[env EDGELOOP_TRAINER_ARTIFACT_BASE_URL]",
+)
+@click.option(
+    "--metrics-port",
+    type=int,
+    help="Serve Prometheus /metrics on this port. [env EDGELOOP_TRAINER_METRICS_PORT]",
+)
 def serve(**options: Any) -> None:
     """Consume training triggers: read exactly the hard-example offset ranges each names,
     retrain, gate, sign and publish a ModelRelease (canary cohort first).

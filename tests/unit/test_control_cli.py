@@ -83,6 +83,17 @@ def test_status_reads_the_model_the_agents_trigger_for(
         (("agents",), "--public-key", "EDGELOOP_AGENTS_PUBLIC_KEY"),
         (("agents",), "--data-dir", "EDGELOOP_AGENTS_DATA_DIR"),
         (("agents",), "--verdicts", "EDGELOOP_AGENTS_VERDICTS"),
+        *[
+            (("train", "serve"), f"--{name.replace('_', '-')}", f"EDGELOOP_TRAINER_{name.upper()}")
+            for name in (
+                "epochs",
+                "nproc",
+                "threads",
+                "canary_cohort",
+                "artifact_base_url",
+                "metrics_port",
+            )
+        ],
     ],
 )
 def test_an_option_that_mirrors_a_setting_names_its_variable(
