@@ -81,7 +81,7 @@ def control_log(app_id: str) -> str:
     return f"{app_id}-control-log"
 
 
-async def append_to_log(bootstrap: str, app_id: str, obs: dict[str, Any]) -> None:
+async def append_to_log(bootstrap: str, app_id: str, obs: dict[str, Any]) -> int:
     """Append an operator's observation (a MANUAL trigger request, a capacity) to the
     control log of `app_id`; returns once Kafka acknowledged it (acks=all).
 
@@ -89,6 +89,9 @@ async def append_to_log(bootstrap: str, app_id: str, obs: dict[str, Any]) -> Non
         bootstrap: the Kafka bootstrap servers.
         app_id: the agents' app id.
         obs: the observation (control_stage.manual, control_stage.capacity).
+
+    Returns:
+        The record's offset in the control log (one partition).
 
     Raises:
         KafkaError: the broker is unreachable or refused the record.
@@ -99,7 +102,8 @@ async def append_to_log(bootstrap: str, app_id: str, obs: dict[str, Any]) -> Non
     try:
         # Inside the try: a start that fails (broker down) must still close the client.
         await producer.start()
-        await producer.send_and_wait(control_log(app_id), encode(obs), key=LOG_KEY)
+        meta = await producer.send_and_wait(control_log(app_id), encode(obs), key=LOG_KEY)
+        return int(meta.offset)
     finally:
         await producer.stop()
 
@@ -157,6 +161,12 @@ class ControlMetrics:
         )
         self.outputs = Counter(
             "edgeloop_control_outputs_total", "Control records produced", ["topic"], registry=r
+        )
+        self.requests_dropped = Counter(
+            "edgeloop_control_trigger_requests_dropped",
+            "Manual training trigger requests (edgeloop train trigger) that fired nothing",
+            ["reason"],
+            registry=r,
         )
         self.skipped = Counter(
             "edgeloop_control_skipped_total",
@@ -219,6 +229,16 @@ class LogObserver:
 
     def records(self) -> list[Out]:
         return [Out(self.log_topic, LOG_KEY, value) for value in pack(self.observations)]
+
+
+def report_dropped(dropped: Sequence[dict[str, Any]], metrics: ControlMetrics) -> None:
+    """Log (one structured line each) and count the manual trigger requests the control
+    step dropped (`ControlStep.take_dropped`): `edgeloop train trigger` only appends a
+    request, so this is where an operator learns why nothing fired. A batch replayed after
+    a crash reports its drops again (the counter counts applications, not requests)."""
+    for item in dropped:
+        log.warning("manual trigger request dropped", extra=item)
+        metrics.requests_dropped.labels(item["reason"]).inc()
 
 
 class ControlAgents:
@@ -324,6 +344,7 @@ class ControlAgents:
                     "control record skipped", extra={"offset": raw.offset, "error": repr(exc)}
                 )
                 self.metrics.skipped.labels("control", "malformed").inc()
+        report_dropped(self.step.take_dropped(), self.metrics)
         outs = [Out(topic, key.encode(), book.encode(topic, rec)) for topic, key, rec in produced]
         await ctx.produce(outs)
         # Only after Kafka acknowledged the outputs: a crash before this line replays the

@@ -305,6 +305,16 @@ class ControlStep:
 
     def __init__(self, settings: ControlSettings) -> None:
         self.s = settings
+        # Manual trigger requests that fired nothing, with why, since the caller last took
+        # them (`take_dropped`): the worker logs and counts each (nothing else would tell
+        # the operator whose `edgeloop train trigger` was answered with nothing).
+        self._dropped: list[dict[str, Any]] = []
+
+    def take_dropped(self) -> list[dict[str, Any]]:
+        """The manual requests dropped since the last call: {"request_id", "reason"
+        (triggers.DROP_*), "uncovered", "min_examples"}; the list is emptied."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
 
     def apply(self, obs: Mapping[str, Any], offset: int, state: ControlState) -> list[Output]:
         """Apply one control-log record.
@@ -455,11 +465,19 @@ class ControlStep:
 
     def _manual(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
         trig = self._triggers(state, None)
-        if trig is None:
-            return []  # no hard example seen yet: nothing a trigger could cover
+        request_id = str(obs["id"])
+        reason = triggers.manual_drop_reason(request_id, trig, self.s.triggers)
+        if reason is not None or trig is None:  # None: no hard example seen yet
+            self._dropped.append({
+                "request_id": request_id,
+                "reason": reason or triggers.DROP_TOO_FEW_EXAMPLES,
+                "uncovered": trig.uncovered if trig is not None else 0,
+                "min_examples": self.s.triggers.min_examples,
+            })  # fmt: skip
+            return []
         detail = str(obs.get("detail", ""))
         return self._fired(
-            triggers.manual(str(obs["id"]), int(obs["ts"]), trig, self.s.triggers, detail), state
+            triggers.manual(request_id, int(obs["ts"]), trig, self.s.triggers, detail), state
         )
 
     def _capacity(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:

@@ -20,7 +20,7 @@ from edgeloop.core.settings import _Base
 class SignalSettings(BaseModel):
     """Tumbling windows of stream signals (`ml.signals.v1`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     # Window length. A minute holds enough events per cohort for stable rates and a
     # histogram, and keeps the controller's reaction (a few windows) within minutes.
@@ -42,7 +42,7 @@ class SignalSettings(BaseModel):
 class ThresholdSettings(BaseModel):
     """The adaptive offload threshold controller (`control.thresholds.v1`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     # Offloads/s the cloud teacher sustains (all cohorts together), and the most the
     # cloud may spend: a saturated teacher measured below it lowers the capacity in force
@@ -113,7 +113,7 @@ class ThresholdSettings(BaseModel):
 class TriggerSettings(BaseModel):
     """Training triggers (`ml.training-triggers.v1`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     # COUNT: this many hard examples of the serving model version.
     hard_examples: int = Field(1000, ge=1)
@@ -136,7 +136,7 @@ class TriggerSettings(BaseModel):
 class JudgeSettings(BaseModel):
     """The rollout judge and the release state machine (`ml.model-releases.v1`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     # Kayenta recommends >= 50 data points per metric; fewer is "inconclusive, extend".
     min_samples: int = Field(50, ge=2)
@@ -169,7 +169,7 @@ class JudgeSettings(BaseModel):
 class WiringSettings(BaseModel):
     """How the control plane runs inside `edgeloop agents` (agents/control_app.py)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     # Run the control agents in the worker.
     enabled: bool = True

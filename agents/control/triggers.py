@@ -13,7 +13,10 @@ Conditions (all in event time):
             windows; fires once per episode (re-armed when PSI falls back).
   SCHEDULE  once per slot of `schedule_s`, aligned to the epoch.
   MANUAL    `edgeloop train trigger`: bypasses the debounce; its id comes from the
-            request id, so a repeated request is the same trigger.
+            request id, so a repeated request is the same trigger. A request is dropped
+            (`manual_drop_reason`; the worker logs and counts it) when fewer than
+            `min_examples` hard examples are uncovered, or when its id is one of the
+            last `MANUAL_MEMORY` (256) ids that fired: an id older than those fires again.
 Debounce: two automatic triggers of a model are at least `debounce_s` apart; a condition
 met meanwhile is pending and fires when the debounce ends (on the next input or tick).
 A condition met while fewer than `min_examples` are uncovered also waits (the trainer
@@ -36,7 +39,12 @@ from edgeloop.agents.control.settings import TriggerSettings
 from edgeloop.agents.ids import derived_id
 
 US = 1_000_000
-MANUAL_MEMORY = 256  # manual request ids remembered, so a redelivered request is not re-run
+# Manual request ids that fired, remembered (newest kept) so a repeated or redelivered
+# request is not re-run; the memory lives in the control state, so it is bounded.
+MANUAL_MEMORY = 256
+# Why a manual request fired nothing (`edgeloop_control_trigger_requests_dropped_total`).
+DROP_ALREADY_HANDLED = "already_handled"
+DROP_TOO_FEW_EXAMPLES = "too_few_examples"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,18 +188,37 @@ def on_tick(now_us: int, state: TriggerState, settings: TriggerSettings) -> list
     return _pending(now_us, state, settings)
 
 
+def manual_drop_reason(
+    request_id: str, state: TriggerState | None, settings: TriggerSettings
+) -> str | None:
+    """Why a manual request would fire nothing, or None when it fires.
+
+    Args:
+        request_id: the request's id.
+        state: the model's trigger state; None before any hard example was seen.
+        settings: `min_examples`.
+
+    Returns:
+        DROP_ALREADY_HANDLED: the id is among the last MANUAL_MEMORY that fired;
+        DROP_TOO_FEW_EXAMPLES: fewer than `min_examples` hard examples are uncovered (the
+        trainer rejects empty ranges); None otherwise.
+    """
+    if state is not None and request_id in state.manual_seen:
+        return DROP_ALREADY_HANDLED
+    if state is None or state.uncovered < settings.min_examples:
+        return DROP_TOO_FEW_EXAMPLES
+    return None
+
+
 def manual(
     request_id: str, now_us: int, state: TriggerState, settings: TriggerSettings, detail: str = ""
 ) -> list[dict[str, Any]]:
     """A person asked for a retrain (`edgeloop train trigger`): fire now, no debounce.
 
     Returns:
-        The trigger; none when the request was handled already or nothing is uncovered
-        (the trainer would reject empty ranges).
+        The trigger; none when `manual_drop_reason` names a reason.
     """
-    if request_id in state.manual_seen:
-        return []
-    if state.uncovered < settings.min_examples:
+    if manual_drop_reason(request_id, state, settings) is not None:
         return []
     state.manual_seen = [*state.manual_seen, request_id][-MANUAL_MEMORY:]
     text = f"manual request {request_id}" + (f": {detail}" if detail else "")

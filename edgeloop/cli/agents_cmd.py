@@ -22,15 +22,25 @@ from edgeloop.core.settings import KafkaSettings, RegistrySettings, edgeloop_hom
 @click.option(
     "--verdicts/--no-verdicts",
     default=None,
-    help="Run the teacher stage (needs a teacher release in the store; default on).",
+    help="Run the teacher stage (needs a teacher release in the store; default on). "
+    "[env EDGELOOP_AGENTS_VERDICTS]",
 )
-@click.option("--store", help="Artifact store (directory or URL) holding the teacher.")
+@click.option(
+    "--store",
+    help="Artifact store (directory or URL) holding the teacher. [env EDGELOOP_AGENTS_STORE; "
+    "default $EDGELOOP_HOME/trainer/store]",
+)
 @click.option(
     "--public-key",
     type=click.Path(dir_okay=False),
-    help="Release public key the teacher must verify against.",
+    help="Release public key the teacher must verify against. [env EDGELOOP_AGENTS_PUBLIC_KEY; "
+    "default $EDGELOOP_HOME/keys/release.pub]",
 )
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Faust's data folder.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Faust's data folder. [env EDGELOOP_AGENTS_DATA_DIR; default $EDGELOOP_HOME/agents]",
+)
 def agents(**options: Any) -> None:
     """Run one Faust worker: fleet table and enrichment, dedupe, cloud verdicts, the
     hard-example router and the control plane (signals, thresholds, training triggers;
@@ -60,9 +70,11 @@ def agents(**options: Any) -> None:
     settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
     from edgeloop.cli.fixes import require_kafka_listening
 
-    kafka = KafkaSettings.load()
+    # Every setting is loaded (validated) before any network: a bad EDGELOOP_CONTROL_*
+    # used to be reported only once Kafka answered.
+    kafka, registry, control = KafkaSettings.load(), RegistrySettings.load(), ControlSettings.load()
     require_kafka_listening(kafka.bootstrap, home)
-    app = make_app(settings, kafka, RegistrySettings.load(), control=ControlSettings.load())
+    app = make_app(settings, kafka, registry, control=control)
     # uvloop: the worker spends most of its time in the event loop's own machinery
     # (Faust schedules several callbacks per event).
     import uvloop
@@ -89,10 +101,10 @@ def _run(coro_fn: Any) -> Any:
     from edgeloop.cli.fixes import reachable
     from edgeloop.schemas.registry.client import RegistryClient
 
-    kafka = KafkaSettings.load()
+    kafka, registry_settings = KafkaSettings.load(), RegistrySettings.load()
 
     async def main() -> Any:
-        async with RegistryClient.from_settings(RegistrySettings.load()) as registry:
+        async with RegistryClient.from_settings(registry_settings) as registry:
             return await coro_fn(FleetClient(kafka, registry))
 
     with reachable(edgeloop_home(), kafka=kafka.bootstrap, registry=True):

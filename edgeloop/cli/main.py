@@ -6,6 +6,7 @@ import sys
 
 import click
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from edgeloop import __version__
 from edgeloop.cli.lazy import LazyGroup
@@ -98,5 +99,10 @@ def main() -> None:
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
             click.secho(f"  {field}: {err['msg']} (got {err.get('input')!r})", fg="red", err=True)
+        sys.exit(1)
+    except SettingsError as exc:
+        # A nested setting's value that is not JSON (EDGELOOP_CONTROL_JUDGE__WAVE_SHARES=
+        # [0.5,nan]): pydantic-settings names the field and the source, not the value.
+        click.secho(f"error: invalid settings: {exc}", fg="red", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -129,11 +129,24 @@ def mine(out: Path | None, hard_out: Path, seed: int) -> None:
     help="Trainer home [$EDGELOOP_HOME/trainer]. [env EDGELOOP_TRAINER_HOME]",
 )
 @click.option("--epochs", type=int, help="Epochs per retrain. [env EDGELOOP_TRAINER_EPOCHS]")
-@click.option("--nproc", type=int, help="Processes under torchrun (one per GPU).")
-@click.option("--threads", type=int, help="CPU threads per process.")
-@click.option("--canary-cohort", help="Cohort a release goes to first.")
-@click.option("--artifact-base-url", help="Where devices download artifacts (the served store).")
-@click.option("--metrics-port", type=int, help="Serve Prometheus /metrics on this port.")
+@click.option(
+    "--nproc", type=int, help="Processes under torchrun (one per GPU). [env EDGELOOP_TRAINER_NPROC]"
+)
+@click.option("--threads", type=int, help="CPU threads per process. [env EDGELOOP_TRAINER_THREADS]")
+@click.option(
+    "--canary-cohort",
+    help="Cohort a release goes to first. [env EDGELOOP_TRAINER_CANARY_COHORT; default canary]",
+)
+@click.option(
+    "--artifact-base-url",
+    help="Where devices download artifacts (the served store). "
+    "[env EDGELOOP_TRAINER_ARTIFACT_BASE_URL]",
+)
+@click.option(
+    "--metrics-port",
+    type=int,
+    help="Serve Prometheus /metrics on this port. [env EDGELOOP_TRAINER_METRICS_PORT]",
+)
 def serve(**options: Any) -> None:
     """Consume training triggers: read exactly the hard-example offset ranges each names,
     retrain, gate, sign and publish a ModelRelease (canary cohort first).
@@ -160,10 +173,10 @@ def serve(**options: Any) -> None:
     keys = settings.keys_dir or edgeloop_home() / "keys"
     for name in (PRIVATE_KEY_NAME, PUBLIC_KEY_NAME):
         require_key(keys / name, "set EDGELOOP_TRAINER_KEYS_DIR")
-    kafka = KafkaSettings.load()
+    kafka, registry_settings = KafkaSettings.load(), RegistrySettings.load()
 
     async def main() -> None:
-        async with RegistryClient.from_settings(RegistrySettings.load()) as registry:
+        async with RegistryClient.from_settings(registry_settings) as registry:
             consumer = TriggerConsumer(
                 settings, kafka, registry, home=TrainerHome(home), keys_dir=keys
             )
@@ -176,30 +189,48 @@ def serve(**options: Any) -> None:
 @train.command("trigger")
 @click.option(
     "--app-id",
-    default="edgeloop-agents",
-    show_default=True,
-    help="The agents' app id (their control log is <app-id>-control-log).",
+    default=None,
+    help="The agents' app id (their control log is <app-id>-control-log). "
+    "[env EDGELOOP_AGENTS_APP_ID; default edgeloop-agents]",
 )
 @click.option(
     "--request-id",
     default=None,
     help="Id of this request (default: a new one). Repeating an id is the same request: "
-    "the trigger fires once.",
+    "the trigger fires once (the agents remember the last 256 ids that fired; an older "
+    "id fires again).",
 )
 @click.option("--detail", default="", help="Why (kept in the trigger's detail).")
-def trigger(app_id: str, request_id: str | None, detail: str) -> None:
-    """Ask the control plane for a MANUAL training trigger now (no debounce). The agents
-    fire it over every hard example not yet covered; `train serve` then retrains."""
+def trigger(app_id: str | None, request_id: str | None, detail: str) -> None:
+    """Ask the control plane for a MANUAL training trigger now (no debounce): appends the
+    request to the agents' control log. The agents fire it over every hard example not
+    yet covered, if at least EDGELOOP_CONTROL_TRIGGERS__MIN_EXAMPLES (default 1) are
+    uncovered and the request id is not one of the last 256 that fired; otherwise they
+    drop it (a log line and edgeloop_control_trigger_requests_dropped_total{reason}).
+    `edgeloop control status` shows the uncovered hard examples; `train serve` retrains."""
     import asyncio
     import uuid
 
     from edgeloop.agents.context import now_us
-    from edgeloop.agents.control_app import append_to_log
+    from edgeloop.agents.control.settings import ControlSettings
+    from edgeloop.agents.control.triggers import MANUAL_MEMORY
+    from edgeloop.agents.control_app import append_to_log, control_log
     from edgeloop.agents.control_stage import manual
+    from edgeloop.cli.control_cmd import agents_app_id
     from edgeloop.core.settings import KafkaSettings
 
-    rid = request_id or f"manual-{uuid.uuid4()}"
+    # Every setting first: a bad one fails here, before any network.
+    app_id = agents_app_id(app_id)
+    control = ControlSettings.load()
     bootstrap = KafkaSettings.load().bootstrap
+    rid = request_id or f"manual-{uuid.uuid4()}"
     with reachable(edgeloop_home(), kafka=bootstrap):
-        asyncio.run(append_to_log(bootstrap, app_id, manual(rid, now_us(), detail)))
-    click.echo(f"manual trigger requested: {rid} (app {app_id})")
+        offset = asyncio.run(append_to_log(bootstrap, app_id, manual(rid, now_us(), detail)))
+    # Honest: the request is in the log; whether it fires is the agents' decision.
+    click.echo(
+        f"manual trigger request {rid} appended to {control_log(app_id)} at offset {offset}; "
+        f"the agents fire a MANUAL trigger for {control.wiring.model_name} if at least "
+        f"{control.triggers.min_examples} hard example(s) are uncovered and the id is not "
+        f"one of the last {MANUAL_MEMORY} that fired (else they log and count the drop: "
+        "edgeloop_control_trigger_requests_dropped_total)"
+    )

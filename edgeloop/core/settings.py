@@ -6,14 +6,32 @@ so a command run after `infra up` finds the embedded endpoints without any flags
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edgeloop.core.errors import ConfigError
+
 HOME_ENV = "EDGELOOP_HOME"
+# Every settings model's env prefix (tests/unit/test_settings_env.py checks that each
+# `_Base` subclass's is here). A variable belongs to the longest prefix it starts with, so
+# one model's unknown-variable check never flags a variable of another model whose prefix
+# extends its own (EDGELOOP_CONTROL_ vs a future EDGELOOP_CONTROL_X_).
+SETTINGS_PREFIXES = (
+    "EDGELOOP_KAFKA_",
+    "EDGELOOP_REGISTRY_",
+    "EDGELOOP_MQTT_",
+    "EDGELOOP_BRIDGE_",
+    "EDGELOOP_AGENTS_",
+    "EDGELOOP_CONTROL_",
+    "EDGELOOP_TRAINER_",
+    "EDGELOOP_EDGE_",
+)
 
 
 def edgeloop_home() -> Path:
@@ -28,10 +46,79 @@ def endpoints_file(home: Path) -> Path:
     return home / "infra.env"
 
 
+def _model_env_names(model: type[BaseModel], stem: str, delimiter: str) -> set[str]:
+    """`stem` + each field's name (upper case), and with a `delimiter` each nested model's
+    fields below it (`EDGELOOP_CONTROL_THRESHOLD__DEADBAND`)."""
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(f"{stem}{name}".upper())
+        sub = info.annotation
+        if delimiter and isinstance(sub, type) and issubclass(sub, BaseModel):
+            names |= _model_env_names(sub, f"{stem}{name}{delimiter}", delimiter)
+    return names
+
+
 class _Base(BaseSettings):
+    # allow_inf_nan=False: no setting means anything at inf or nan, and either one passes
+    # a `gt=0` bound and silently switches a check off (a latency SLO of inf ms). Pydantic
+    # merges this into every subclass's config.
     model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
-        frozen=True, extra="ignore", env_file_encoding="utf-8"
+        frozen=True, extra="ignore", env_file_encoding="utf-8", allow_inf_nan=False
     )
+
+    @classmethod
+    def env_names(cls) -> frozenset[str]:
+        """Every environment variable this model reads (upper case): prefix + field, the
+        nested fields below a model-typed field, and validation aliases."""
+        prefix = cls.model_config.get("env_prefix", "")
+        delimiter = cls.model_config.get("env_nested_delimiter") or ""
+        names = _model_env_names(cls, prefix, delimiter)
+        for name, info in cls.model_fields.items():
+            if isinstance(info.validation_alias, str):
+                names.add(info.validation_alias.upper())
+                if not cls.model_config.get("populate_by_name"):
+                    names.discard(f"{prefix}{name}".upper())
+        return frozenset(names)
+
+    @classmethod
+    def check_env(cls, environ: Mapping[str, str]) -> None:
+        """Refuse a variable under this model's prefix that no field reads.
+
+        pydantic-settings ignores such a variable (its `extra="forbid"` covers dotenv
+        files only, and there it refuses every other model's variables too), so a typo
+        (EDGELOOP_CONTROL_LATENCY_SLO_MSS) silently left a default in force. A variable
+        under a longer prefix of `SETTINGS_PREFIXES` belongs to that model, not this one.
+        docs/architecture.md ("Settings are checked before anything runs") says why this
+        is an error, not a warning.
+
+        Args:
+            environ: the process environment.
+
+        Raises:
+            ConfigError: naming each unknown variable and the nearest known name.
+        """
+        prefix = cls.model_config.get("env_prefix", "").upper()
+        if not prefix:
+            return
+        known = cls.env_names()
+        unknown = []
+        for var in sorted(v.upper() for v in environ):
+            owner = max((p for p in SETTINGS_PREFIXES if var.startswith(p)), key=len, default="")
+            if owner != prefix or var in known:
+                continue
+            # Compare what follows the prefix: the shared prefix would make every known
+            # name look close.
+            near = difflib.get_close_matches(
+                var[len(prefix) :], [k[len(prefix) :] for k in known if k.startswith(prefix)],
+                n=1, cutoff=0.5,
+            )  # fmt: skip
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            unknown.append(f"{var}{hint}")
+        if unknown:
+            raise ConfigError(
+                f"unknown setting {', '.join(unknown)}: no {cls.__name__} field reads it; "
+                "correct the name or unset it"
+            )
 
     @classmethod
     def load(cls, edgeloop_home_dir: Path | None = None, /, **overrides: Any) -> Any:
@@ -43,7 +130,13 @@ class _Base(BaseSettings):
                 passed as an override (it used to bind here, and `train serve --out DIR`
                 silently used the default trainer home).
             overrides: field values that win over the environment and the file.
+
+        Raises:
+            ConfigError: a variable under this model's prefix that no field reads
+                (`check_env`).
+            ValidationError: a value that does not validate (names field and value).
         """
+        cls.check_env(os.environ)
         env_file = endpoints_file(edgeloop_home_dir or edgeloop_home())
         return cls(_env_file=env_file if env_file.exists() else None, **overrides)
 

@@ -267,3 +267,67 @@ def test_a_control_command_with_kafka_down_leaves_no_unclosed_client(
         result = _edgeloop(tmp_path / "home", port, *args)
         assert "not reachable" in _error_line(result)
         assert "Unclosed" not in result.stderr, result.stderr[-2000:]
+
+
+CONTROL_COMMANDS = [
+    ("agents", "--no-verdicts"),
+    ("control", "capacity", "5"),
+    ("control", "status"),
+    ("train", "trigger"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "variable", "value", "field"),
+    [
+        # A latency SLO of inf ms, a PSI bound of nan: accepted, and the check was off.
+        (
+            CONTROL_COMMANDS[0],
+            "EDGELOOP_CONTROL_THRESHOLD__LATENCY_SLO_MS",
+            "inf",
+            "threshold.latency_slo_ms",
+        ),
+        (CONTROL_COMMANDS[1], "EDGELOOP_CONTROL_TRIGGERS__PSI_BOUND", "nan", "triggers.psi_bound"),
+        (CONTROL_COMMANDS[2], "EDGELOOP_CONTROL_SIGNALS__WINDOW_S", "-1", "signals.window_s"),
+        (
+            CONTROL_COMMANDS[3],
+            "EDGELOOP_CONTROL_THRESHOLD__LATENCY_SLO_MS",
+            "inf",
+            "threshold.latency_slo_ms",
+        ),
+        # The agents' own settings, validated before the broker check as well.
+        (CONTROL_COMMANDS[0], "EDGELOOP_AGENTS_STALL_S", "inf", "stall_s"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, tuple) else None,
+)
+def test_a_bad_control_setting_fails_before_any_network(
+    tmp_path: Path, port: int, *, args: tuple[str, ...], variable: str, value: str, field: str
+) -> None:
+    """`edgeloop agents` checked Kafka first (the user read "Kafka ... not reachable" and
+    fixed that, to meet the bad setting next); `control capacity` and `train trigger` did
+    not read the control settings at all. Kafka is down here: the setting must be named."""
+    result = _edgeloop(tmp_path / "home", port, *args, **{variable: value})
+    line = _error_line(result)
+    assert "invalid settings" in line, line
+    assert f"  {field}:" in result.stderr and repr(value) in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args", CONTROL_COMMANDS, ids=" ".join)
+def test_a_misspelled_control_setting_is_refused_naming_the_nearest(
+    tmp_path: Path, port: int, args: tuple[str, ...]
+) -> None:
+    """It used to be ignored without a word, the default (2 s) left in force."""
+    result = _edgeloop(tmp_path / "home", port, *args, EDGELOOP_CONTROL_LATENCY_SLO_MSS="500")
+    line = _error_line(result)
+    assert "unknown setting EDGELOOP_CONTROL_LATENCY_SLO_MSS" in line, line
+    assert "did you mean EDGELOOP_CONTROL_THRESHOLD__LATENCY_SLO_MS?" in line, line
+
+
+def test_a_nested_setting_that_is_not_json_is_one_error_line(tmp_path: Path, port: int) -> None:
+    # Before: pydantic-settings' SettingsError traceback.
+    result = _edgeloop(
+        tmp_path / "home", port, "control", "status",
+        EDGELOOP_CONTROL_JUDGE__WAVE_SHARES="[0.5,",
+    )  # fmt: skip
+    line = _error_line(result)
+    assert "invalid settings" in line and '"judge"' in line, line

@@ -4,7 +4,10 @@ updates and training triggers, replayed as a crashed worker's successor replays 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
+
+import pytest
 
 from edgeloop.agents.control.settings import (
     ControlSettings,
@@ -548,3 +551,50 @@ def test_packing_splits_a_large_batch_below_the_record_size_bound() -> None:
     assert len(records) > 1
     assert all(len(r) <= PACK_MAX_BYTES + 64 for r in records)
     assert [o for r in records for o in decode(r)["obs"]] == json.loads(json.dumps(log))
+
+
+def test_a_dropped_manual_request_is_reported_with_its_reason() -> None:
+    """`edgeloop train trigger` used to say "requested" for a request the agents dropped
+    without a word: each drop now comes out of the step with why (too few uncovered hard
+    examples, an id that already fired), for the worker to log and count."""
+    step, state = ControlStep(settings(hard_examples=100, min_examples=3)), ControlState()
+    log = [
+        manual("early", T0),  # no hard example seen yet
+        hard(0, 0), hard(0, 1),
+        manual("two", T0 + 5 * US),  # 2 uncovered < min_examples 3
+        hard(0, 2),
+        manual("three", T0 + 6 * US),  # fires
+        hard(0, 3), hard(0, 4), hard(0, 5),
+        manual("three", T0 + 7 * US),  # the same id again
+    ]  # fmt: skip
+    fired = [r for t, _, r in run(step, log, state) if t == TRIGGERS_TOPIC]
+    assert [r["detail"] for r in fired] == ["manual request three"]
+    assert step.take_dropped() == [
+        {"request_id": "early", "reason": "too_few_examples", "uncovered": 0, "min_examples": 3},
+        {"request_id": "two", "reason": "too_few_examples", "uncovered": 2, "min_examples": 3},
+        {"request_id": "three", "reason": "already_handled", "uncovered": 3, "min_examples": 3},
+    ]
+    assert step.take_dropped() == []  # taken once
+
+
+def test_the_worker_logs_and_counts_each_dropped_manual_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from edgeloop.agents.control_app import ControlMetrics, report_dropped
+
+    step, state = ControlStep(settings()), ControlState()
+    run(step, [manual("req-a", T0), manual("req-b", T0 + US)], state)
+    registry = CollectorRegistry()
+    with caplog.at_level(logging.WARNING):
+        report_dropped(step.take_dropped(), ControlMetrics(registry))
+    dropped = registry.get_sample_value(
+        "edgeloop_control_trigger_requests_dropped_total", {"reason": "too_few_examples"}
+    )
+    assert dropped == 2
+    lines = [r for r in caplog.records if r.getMessage() == "manual trigger request dropped"]
+    assert [(r.request_id, r.reason) for r in lines] == [  # type: ignore[attr-defined]
+        ("req-a", "too_few_examples"),
+        ("req-b", "too_few_examples"),
+    ]
