@@ -360,13 +360,16 @@ class _AgentFactory:
                 # keep per-stage state, like the dedupe windows).
                 async with entry.lock:
                     holes = await ledger.observe(batch, ctx.committed_offset)
+                    # The holes first: their records precede the batch's, and a stage that
+                    # skips what is at or below the last offset it applied (the control
+                    # step) would drop them after it. Before the batch is acknowledged
+                    # either way, since Faust may count a hole as done.
+                    await ctx.fill_holes(stage, holes, body)
 
                     async def handle(b: list[Raw] = batch) -> None:
                         await body(b)
 
                     await ctx.guarded(stage, batch, handle)
-                    # Before this batch is acknowledged: Faust may count a hole as done.
-                    await ctx.fill_holes(stage, holes, body)
 
         loop.__name__ = loop.__qualname__ = stage
         self.app.agent(channel, name=stage, concurrency=1)(loop)

@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,7 +48,7 @@ from edgeloop.agents.control_stage import (
 )
 from edgeloop.agents.records import Out, Raw
 from edgeloop.agents.verdict_stage import OFFLOAD
-from edgeloop.core.errors import DecodeError
+from edgeloop.core.errors import ConfigError, DecodeError
 from edgeloop.core.logs import get_logger
 from edgeloop.schemas import catalog
 
@@ -64,6 +65,25 @@ SOURCES = (
     "ml.model-releases.v1",
 )
 STATE_KEY = b"control"
+# The control state's changelog record: zlib-compressed JSON (a state of 20,000 pending
+# requests is ~1.3 MB as JSON, over Faust's 1,000,000-byte record limit; its JSON
+# compresses about tenfold). Larger than this it is not written (see `control`).
+STATE_MAX_BYTES = 900_000
+_ZLIB = b"z"
+
+
+def dump_state(doc: dict[str, Any]) -> bytes:
+    """The control state's changelog value (`load_state` reads it)."""
+    return _ZLIB + zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
+
+
+def load_state(value: bytes) -> Any:
+    """A changelog value: compressed (`dump_state`) or plain JSON (older workers)."""
+    if value[:1] == _ZLIB:
+        value = zlib.decompress(value[1:])
+    return json.loads(value)
+
+
 LOG_KEY = b"control"
 # Names this worker's teacher measurement in the control log (a restarted worker is a new
 # one; the old entry goes stale).
@@ -95,14 +115,25 @@ async def append_to_log(bootstrap: str, app_id: str, obs: dict[str, Any]) -> int
 
     Raises:
         KafkaError: the broker is unreachable or refused the record.
+        ConfigError: the control log does not exist (no worker of `app_id` started).
     """
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    topic = control_log(app_id)
     try:
         # Inside the try: a start that fails (broker down) must still close the client.
         await producer.start()
-        meta = await producer.send_and_wait(control_log(app_id), encode(obs), key=LOG_KEY)
+        # A log no worker created yet would be auto-created with the broker's default
+        # partitions (4 on Tansu: the control step needs one), and one of a mistyped app id
+        # is read by nobody: refuse both. Metadata of all topics creates none.
+        cluster = await producer.client.fetch_all_metadata()
+        if topic not in cluster.topics():
+            raise ConfigError(
+                f"the control log {topic} does not exist: no agents worker with app id "
+                f"{app_id!r} has started on this cluster (EDGELOOP_AGENTS_APP_ID, --app-id)"
+            )
+        meta = await producer.send_and_wait(topic, encode(obs), key=LOG_KEY)
         return int(meta.offset)
     finally:
         await producer.stop()
@@ -166,6 +197,11 @@ class ControlMetrics:
             "edgeloop_control_trigger_requests_dropped",
             "Manual training trigger requests (edgeloop train trigger) that fired nothing",
             ["reason"],
+            registry=r,
+        )
+        self.state_too_large = Counter(
+            "edgeloop_control_state_too_large_total",
+            "Control state writes skipped: the state was over its changelog record limit",
             registry=r,
         )
         self.skipped = Counter(
@@ -321,7 +357,7 @@ class ControlAgents:
     def _load(self) -> ControlState:
         if self._state is None:
             raw = self.table.get(STATE_KEY)
-            self._state = ControlState() if raw is None else ControlState.from_json(json.loads(raw))
+            self._state = ControlState() if raw is None else ControlState.from_json(load_state(raw))
         return self._state
 
     async def control(self, batch: list[Raw]) -> None:
@@ -338,7 +374,7 @@ class ControlAgents:
                 produced.extend(outputs)
                 if malformed:
                     self.metrics.skipped.labels("control", "malformed").inc(malformed)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
                 # Our own log's record is malformed (a bug): counted, logged, skipped.
                 log.exception(
                     "control record skipped", extra={"offset": raw.offset, "error": repr(exc)}
@@ -350,7 +386,19 @@ class ControlAgents:
         # Only after Kafka acknowledged the outputs: a crash before this line replays the
         # batch from the previous state and yields the same records (same ids, versions).
         try:
-            self.table[STATE_KEY] = json.dumps(state.to_json(), separators=(",", ":")).encode()
+            value = dump_state(state.to_json())
+            if len(value) > STATE_MAX_BYTES:
+                # Faust's producer refuses a record over 1,000,000 bytes by crashing the
+                # worker (data plane included); keeping the changelog one batch behind is
+                # the smaller harm: a crash replays from the last state written.
+                self.metrics.state_too_large.inc()
+                log.error(
+                    "control state too large for its changelog; not written",
+                    extra={"bytes": len(value), "limit": STATE_MAX_BYTES,
+                           "pending": len(state.pending), "devices": len(state.devices)},
+                )  # fmt: skip
+            else:
+                self.table[STATE_KEY] = value
         except Exception:
             # Faust's changelog send can fail during a rebalance (app.py `_write_back`); the
             # next batch writes the state again.

@@ -61,9 +61,37 @@ def observation(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str,
         A JSON-able dict with kind `k`, or None.
 
     Raises:
-        KeyError, TypeError, ValueError: a record missing what its schema promises (the
-            caller dead-letters it).
+        KeyError, TypeError, ValueError: a record missing what its schema promises, or a
+            number that is not finite or out of range (a confidence outside [0, 1]); the
+            caller counts it and leaves it out.
     """
+    obs = _observation(schema_name, rec, raw)
+    if obs is not None:
+        _check_numbers(obs)
+    return obs
+
+
+# The largest rate, latency or byte count an observation may carry: far above any real
+# one, and small enough that the window histograms' bucket arithmetic cannot overflow.
+_MAX_MEASURE = 1e12
+
+
+def _check_numbers(obs: Mapping[str, Any]) -> None:
+    """Refuse a non-finite or out-of-range number (one NaN confidence from a device stored
+    in a canary's sample stopped every judge step after it; a confidence of 1e308 raised
+    OverflowError in the bucket arithmetic and lost the control batch's outputs)."""
+    for name, value in obs.items():
+        if name == "confidence":  # also null: orjson writes a NaN as null
+            ok = isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+        elif not isinstance(value, float):
+            continue
+        else:
+            ok = math.isfinite(value) and -_MAX_MEASURE <= value <= _MAX_MEASURE
+        if not ok:
+            raise ValueError(f"observation {obs.get('k')!r}: {name} = {value!r} is out of range")
+
+
+def _observation(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str, Any] | None:
     if schema_name in (INFERENCE_EVENT, ENRICHED_EVENT):
         o = signals.InferenceObs.from_record(rec)
         return {"k": "inf", "event_id": str(rec["event_id"]), **_fields(o)}
@@ -154,6 +182,10 @@ def manual(request_id: str, now_us: int, detail: str = "") -> dict[str, Any]:
     return {"k": "manual", "id": request_id, "ts": now_us, "detail": detail}
 
 
+# Below this a backlog's drain time overflows to inf (1e-320 offloads/s was accepted).
+MIN_CAPACITY_PER_S = 1e-3
+
+
 def capacity(per_s: float | None, now_us: int) -> dict[str, Any]:
     """An operator's cloud capacity, offloads/s the teacher sustains (`edgeloop control
     capacity`); None returns to the worker's setting. Applied from the next window end.
@@ -161,8 +193,11 @@ def capacity(per_s: float | None, now_us: int) -> dict[str, Any]:
     Raises:
         ValueError: `per_s` is not a positive finite number.
     """
-    if per_s is not None and not (math.isfinite(per_s) and per_s > 0):
-        raise ValueError(f"capacity must be a positive number of offloads/s, not {per_s!r}")
+    if per_s is not None and not (math.isfinite(per_s) and per_s >= MIN_CAPACITY_PER_S):
+        raise ValueError(
+            f"capacity must be a positive number of offloads/s (at least "
+            f"{MIN_CAPACITY_PER_S:g}), not {per_s!r}"
+        )
     return {"k": "cap", "per_s": per_s, "ts": now_us}
 
 
@@ -370,11 +405,12 @@ class ControlStep:
                 if not isinstance(obs, dict) or obs.get("k") == "many":
                     raise ValueError("a packed observation is not a single observation")  # noqa: TRY301
                 outputs.extend(self._apply(obs, state))
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, ArithmeticError):
                 malformed += 1
         return outputs, malformed
 
     def _apply(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
+        _check_numbers(obs)  # also for records an older worker or a tool appended
         kind = obs["k"]
         if kind in ("inf", "st"):
             state.devices[str(obs["device_id"])] = str(obs["cohort"])

@@ -17,10 +17,13 @@ from edgeloop.artifacts.rollout import DEFAULT_CANARY_SHARE
 from edgeloop.core.settings import _Base
 
 
+# extra="forbid" on every part: a misspelled key inside a part's JSON form
+# (EDGELOOP_CONTROL_THRESHOLD='{"latency_slo_mss": 5}') is refused, as a misspelled
+# variable is (`_Base.check_env`), instead of leaving the default in force.
 class SignalSettings(BaseModel):
     """Tumbling windows of stream signals (`ml.signals.v1`)."""
 
-    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="forbid")
 
     # Window length. A minute holds enough events per cohort for stable rates and a
     # histogram, and keeps the controller's reaction (a few windows) within minutes.
@@ -42,7 +45,7 @@ class SignalSettings(BaseModel):
 class ThresholdSettings(BaseModel):
     """The adaptive offload threshold controller (`control.thresholds.v1`)."""
 
-    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="forbid")
 
     # Offloads/s the cloud teacher sustains (all cohorts together), and the most the
     # cloud may spend: a saturated teacher measured below it lowers the capacity in force
@@ -113,7 +116,7 @@ class ThresholdSettings(BaseModel):
 class TriggerSettings(BaseModel):
     """Training triggers (`ml.training-triggers.v1`)."""
 
-    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="forbid")
 
     # COUNT: this many hard examples of the serving model version.
     hard_examples: int = Field(1000, ge=1)
@@ -136,7 +139,7 @@ class TriggerSettings(BaseModel):
 class JudgeSettings(BaseModel):
     """The rollout judge and the release state machine (`ml.model-releases.v1`)."""
 
-    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="forbid")
 
     # Kayenta recommends >= 50 data points per metric; fewer is "inconclusive, extend".
     min_samples: int = Field(50, ge=2)
@@ -169,7 +172,7 @@ class JudgeSettings(BaseModel):
 class WiringSettings(BaseModel):
     """How the control plane runs inside `edgeloop agents` (agents/control_app.py)."""
 
-    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="forbid")
 
     # Run the control agents in the worker.
     enabled: bool = True

@@ -57,10 +57,12 @@ class CapacityValue(click.ParamType):
                 if str(value).startswith("-"):
                     raise click.NoSuchOption(str(value), ctx=ctx) from None
                 per_s = math.nan
-        if not (math.isfinite(per_s) and per_s > 0):
+        from edgeloop.agents.control_stage import MIN_CAPACITY_PER_S
+
+        if not (math.isfinite(per_s) and per_s >= MIN_CAPACITY_PER_S):
             self.fail(
-                f"{value!r}: the capacity must be a positive number of offloads/s "
-                "(--clear returns to the workers' setting)",
+                f"{value!r}: the capacity must be a positive number of offloads/s, at "
+                f"least {MIN_CAPACITY_PER_S:g} (--clear returns to the workers' setting)",
                 param,
                 ctx,
             )

@@ -5,6 +5,7 @@ record is."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -79,3 +80,30 @@ async def test_requests_land_in_the_agents_log_at_the_offsets_printed(
     assert records[_offset(first)]["k"] == "manual" and records[_offset(first)]["id"] == "r-1"
     assert records[_offset(cap)] == {**records[_offset(cap)], "k": "cap", "per_s": 7.5}
     assert len(records) == 2
+
+
+async def test_a_log_no_worker_created_is_refused_and_not_created(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """A mistyped app id used to print "appended ... at offset 0" and auto-create a log
+    no worker reads (with the broker's default partitions: 4 on Tansu, not 1)."""
+    bootstrap = kafka_broker.bootstrap
+    app_id = f"nobody-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_")}
+    env.update(EDGELOOP_HOME=str(tmp_path), EDGELOOP_KAFKA_BOOTSTRAP=bootstrap,
+               EDGELOOP_AGENTS_APP_ID=app_id)  # fmt: skip
+    for args in (("train", "trigger"), ("control", "capacity", "5")):
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "edgeloop", "--log-level", "error", *args],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stdout
+        assert f"{control_log(app_id)} does not exist" in done.stderr
+        assert "Traceback" not in done.stderr
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        assert control_log(app_id) not in await admin.list_topics()
+    finally:
+        await admin.close()

@@ -128,7 +128,7 @@ def test_trigger_says_what_it_did_and_when_the_agents_act(
     assert "256" in help_text and "MIN_EXAMPLES" in help_text
 
 
-@pytest.mark.parametrize("value", ["-1", "-0.5", "0", "inf", "nan", "-inf", "many"])
+@pytest.mark.parametrize("value", ["-1", "-0.5", "0", "inf", "nan", "-inf", "many", "1e-320"])
 def test_a_capacity_that_is_not_a_positive_number_is_refused_naming_it(
     tmp_path: Path, appended: list[tuple[str, dict[str, Any]]], value: str
 ) -> None:

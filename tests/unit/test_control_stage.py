@@ -598,3 +598,51 @@ def test_the_worker_logs_and_counts_each_dropped_manual_request(
         ("req-a", "too_few_examples"),
         ("req-b", "too_few_examples"),
     ]
+
+
+@pytest.mark.parametrize("confidence", [float("nan"), float("inf"), -0.1, 1.5, 1e308])
+def test_an_impossible_confidence_is_not_observed(confidence: float) -> None:
+    """A NaN confidence stored in a canary's sample stopped every judge step after it; a
+    confidence of 1e308 raised OverflowError and lost the control batch's outputs."""
+    rec = {**inference("d-0", "north", T0, 0.5), "confidence": confidence}
+    raw_rec = {
+        "event_id": "d-0:1", "device_id": "d-0", "cohort": "north", "ts": T0,
+        "model_version": 1, "confidence": confidence, "decision": "LOCAL",
+        "latency": {"preprocess_us": 1, "inference_us": 2, "decision_us": 3},
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="confidence"):
+        observation("edgeloop.v1.InferenceEvent", raw_rec, Raw(b"", None, "t", 0, 0))
+    # One already in the log (an older worker wrote it) costs only itself.
+    log = scripted_log(windows=2)
+    out, malformed = ControlStep(settings()).apply_record(
+        decode(pack([*log[:3], rec, *log[3:]])[0]), 0, ControlState()
+    )
+    assert malformed == 1
+    assert out == run(ControlStep(settings()), log, ControlState())
+
+
+def test_an_impossible_round_trip_time_is_not_observed() -> None:
+    status = {"device_id": "d-0", "cohort": "north", "ts": T0, "rtt_ms": 1e308,
+              "uplink_bytes_per_s": 10.0, "outbox_depth": 0}  # fmt: skip
+    with pytest.raises(ValueError, match="rtt_ms"):
+        observation("edgeloop.v1.DeviceStatus", status, Raw(b"", None, "t", 0, 0))
+
+
+def test_a_state_of_twenty_thousand_pending_requests_fits_its_changelog_record() -> None:
+    """20,000 unanswered offloads (the default `max_pending_requests`, e.g. with verdicts
+    off) made a 1.26 MB state: Faust's producer refused it and crashed the worker."""
+    from edgeloop.agents.control_app import STATE_MAX_BYTES, dump_state, load_state
+
+    step, state = ControlStep(settings()), ControlState()
+    for i in range(20_000):
+        req = {"k": "req", "id": f"pi5-fleet-{i % 850:04d}:offload:{i:016d}",
+               "cohort": COHORTS[i % 2],
+               "confidence": (i % 100) / 100, "reason": "OFFLOAD"}  # fmt: skip
+        step.apply(req, i, state)
+    doc = state.to_json()
+    assert len(json.dumps(doc, separators=(",", ":"))) > 1_000_000  # the old record
+    value = dump_state(doc)
+    assert len(value) < STATE_MAX_BYTES
+    assert ControlState.from_json(load_state(value)).to_json() == doc
+    # A state an older worker wrote (plain JSON) still loads.
+    assert load_state(json.dumps(doc).encode()) == json.loads(json.dumps(doc))

@@ -143,3 +143,21 @@ def test_a_non_finite_float_setting_is_refused_naming_field_and_value(
     (err,) = [e for e in info.value.errors() if ".".join(str(p) for p in e["loc"]) == loc]
     assert err["type"] == "finite_number"
     assert err["input"] == value
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("EDGELOOP_CONTROL_THRESHOLD", '{"latency_slo_mss": 5}', "threshold.latency_slo_mss"),
+        ("EDGELOOP_CONTROL_SIGNALS", '{"window": 3}', "signals.window"),
+        ("EDGELOOP_CONTROL_WIRING", '{"enabled": true, "tick": 1}', "wiring.tick"),
+    ],
+)
+def test_a_misspelled_key_inside_a_parts_json_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, variable: str, value: str, field: str
+) -> None:
+    """The JSON form of a part used to drop an unknown key silently (the default stayed)."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as err:
+        ControlSettings.load(tmp_path)
+    assert field in {".".join(str(p) for p in e["loc"]) for e in err.value.errors()}
