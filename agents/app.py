@@ -360,19 +360,30 @@ class _AgentFactory:
                 # keep per-stage state, like the dedupe windows).
                 async with entry.lock:
                     holes = await ledger.observe(batch, ctx.committed_offset)
-                    # The holes first: their records precede the batch's, and a stage that
-                    # skips what is at or below the last offset it applied (the control
-                    # step) would drop them after it. Before the batch is acknowledged
-                    # either way, since Faust may count a hole as done.
-                    await ctx.fill_holes(stage, holes, body)
-
-                    async def handle(b: list[Raw] = batch) -> None:
-                        await body(b)
-
-                    await ctx.guarded(stage, batch, handle)
+                    # In offset order: the batch's records up to each hole, the hole's
+                    # records, then the rest (a stage that skips what is at or below the
+                    # last offset it applied, the control step, would drop a run handed
+                    # out of order). All before the batch is acknowledged, since Faust may
+                    # count a hole as done.
+                    start = 0
+                    for hole in holes:
+                        if hole.at > start:
+                            await self._run(stage, body, batch[start : hole.at])
+                            start = hole.at
+                        await ctx.fill_holes(stage, [hole], body)
+                    if start < len(batch):
+                        await self._run(stage, body, batch[start:])
 
         loop.__name__ = loop.__qualname__ = stage
         self.app.agent(channel, name=stage, concurrency=1)(loop)
+
+    async def _run(
+        self, stage: str, body: Callable[[list[Raw]], Awaitable[None]], part: list[Raw]
+    ) -> None:
+        async def handle() -> None:
+            await body(part)
+
+        await self.ctx.guarded(stage, part, handle)
 
     async def sweep_tails(self) -> None:
         """Hand each stage the records Faust read but dropped at a partition's tail

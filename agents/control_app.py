@@ -66,8 +66,9 @@ SOURCES = (
 )
 STATE_KEY = b"control"
 # The control state's changelog record: zlib-compressed JSON (a state of 20,000 pending
-# requests is ~1.3 MB as JSON, over Faust's 1,000,000-byte record limit; its JSON
-# compresses about tenfold). Larger than this it is not written (see `control`).
+# requests is ~1.3 MB as JSON, over Faust's 1,000,000-byte record limit; it compresses
+# 2-3.5x). Larger than this the oldest pending requests are forgotten, and a state still
+# larger is not written (see `control`).
 STATE_MAX_BYTES = 900_000
 _ZLIB = b"z"
 
@@ -387,10 +388,21 @@ class ControlAgents:
         # batch from the previous state and yields the same records (same ids, versions).
         try:
             value = dump_state(state.to_json())
+            while len(value) > STATE_MAX_BYTES and state.pending:
+                # The pending requests are the part of the state that may be forgotten
+                # (a verdict whose request was forgotten only adds no weight): the oldest
+                # half goes, counted as forgotten, until the state fits.
+                drop = max(1, len(state.pending) // 2)
+                for request in list(state.pending)[:drop]:
+                    del state.pending[request]
+                state.pending_forgotten += drop
+                value = dump_state(state.to_json())
             if len(value) > STATE_MAX_BYTES:
                 # Faust's producer refuses a record over 1,000,000 bytes by crashing the
-                # worker (data plane included); keeping the changelog one batch behind is
-                # the smaller harm: a crash replays from the last state written.
+                # worker (data plane included). Not writing is the smaller harm, but while
+                # the state stays this large the changelog does not move: a restart then
+                # resumes from the last state written and the records applied since are
+                # lost to the state (docs/architecture.md, "Table `control`").
                 self.metrics.state_too_large.inc()
                 log.error(
                     "control state too large for its changelog; not written",

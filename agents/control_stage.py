@@ -524,8 +524,8 @@ class ControlStep:
             state.capacity = None
             return []
         value = float(per_s)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"capacity override {per_s!r} is not a positive number")
+        if not (math.isfinite(value) and value >= MIN_CAPACITY_PER_S):  # any writer's record
+            raise ValueError(f"capacity override {per_s!r} is below {MIN_CAPACITY_PER_S:g}/s")
         state.capacity = {"per_s": value, "ts": int(obs["ts"]), "offset": state.offset}
         return []
 

@@ -29,7 +29,7 @@ Compacted topics, where gaps are normal, are not watched.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgeloop.agents.records import Raw
 
@@ -44,6 +44,9 @@ class Hole:
     partition: int
     start: int
     end: int
+    # Index in the batch of the record that revealed it (`observe`): its records go to the
+    # stage before that record, so the stage sees the partition in offset order.
+    at: int = field(default=0, compare=False)
 
     @property
     def size(self) -> int:
@@ -85,7 +88,7 @@ class OffsetLedger:
             One `Hole` per skip ahead of the expected offset, in the order found.
         """
         holes: list[Hole] = []
-        for raw in batch:
+        for index, raw in enumerate(batch):
             if raw.topic in self._exempt:
                 continue
             tp = (raw.topic, raw.partition)
@@ -94,7 +97,7 @@ class OffsetLedger:
                 expected = await committed(*tp)
             self._next[tp] = raw.offset + 1
             if expected is not None and raw.offset > expected:
-                holes.append(Hole(raw.topic, raw.partition, expected, raw.offset))
+                holes.append(Hole(raw.topic, raw.partition, expected, raw.offset, index))
             # At or below the expected offset: in order, or read again (Faust's seek to the
             # commit after a rebalance, the stall watchdog's re-seek): nothing missed.
         return holes

@@ -50,7 +50,7 @@ class ThresholdSettings(BaseModel):
     # Offloads/s the cloud teacher sustains (all cohorts together), and the most the
     # cloud may spend: a saturated teacher measured below it lowers the capacity in force
     # (`teacher_capacity_per_s`, agents/control_stage.py), nothing raises it.
-    cloud_capacity_per_s: float = Field(50.0, gt=0)
+    cloud_capacity_per_s: float = Field(50.0, ge=1e-3)  # below, a backlog's drain time overflows
     # The workers' teacher is saturated, and its offloads/s are its capacity, when every
     # worker's verdict stage was busy at least this share of its span with at least
     # `measured_min_backlog` offloads waiting on its partitions.

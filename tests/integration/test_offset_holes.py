@@ -140,6 +140,19 @@ async def test_a_run_faust_skipped_mid_stream_reaches_the_stage_before_the_ack(
     assert stream.acked == offsets[:20] + offsets[48:]
 
 
+async def test_a_run_skipped_inside_a_batch_is_handed_between_its_neighbours(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """A batch with records on both sides of a skipped run: handing the run first made
+    the control step (which skips offsets at or below the last one applied) drop the
+    batch's records before it."""
+    topic, offsets = await topic_with(kafka_broker.bootstrap, 60)
+    raws = as_raws(topic, offsets)
+    batches = [raws[:20], raws[20:25] + raws[40:]]  # 25..39 dropped inside the batch
+    handed, _, _ = await run_stage(kafka_broker.bootstrap, topic, batches, committed=offsets[0])
+    assert handed == offsets
+
+
 async def test_a_partition_taken_over_from_a_dead_worker_is_read_from_its_commit(
     kafka_broker: KafkaBroker,
 ) -> None:

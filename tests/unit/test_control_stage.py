@@ -646,3 +646,50 @@ def test_a_state_of_twenty_thousand_pending_requests_fits_its_changelog_record()
     assert ControlState.from_json(load_state(value)).to_json() == doc
     # A state an older worker wrote (plain JSON) still loads.
     assert load_state(json.dumps(doc).encode()) == json.loads(json.dumps(doc))
+
+
+def test_a_state_over_its_record_limit_forgets_its_oldest_pending_requests() -> None:
+    """Before, such a state was not written at all, batch after batch: a restart lost
+    every record applied since. Now the oldest pending requests go until it fits."""
+    import asyncio
+    import random
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from edgeloop.agents.control_app import STATE_KEY, STATE_MAX_BYTES, ControlAgents, load_state
+
+    async def produce(outs: Any) -> None:
+        return None
+
+    book = SimpleNamespace(encode=lambda topic, rec: b"x")
+    ctx = SimpleNamespace(book=book, produce=produce, settings=SimpleNamespace(app_id="app"),
+                          metrics=SimpleNamespace(registry=CollectorRegistry()))  # fmt: skip
+    table: dict[bytes, bytes] = {}
+    agents = ControlAgents(ctx, ControlSettings(wiring={"max_pending_requests": 10**6}), table)  # type: ignore[arg-type]
+    agents.ready.set()
+    state = ControlState()
+    rng = random.Random(1)
+    for _ in range(40_000):  # random ids: ~1 MB compressed, over the limit
+        state.pending[f"{rng.getrandbits(128):032x}"] = ["north", rng.random(), "OFFLOAD"]
+    newest = list(state.pending)[-1]
+    agents._state = state
+    asyncio.run(agents.control([Raw(encode(tick(T0, 1.0)), b"control", "app-control-log", 0, 5)]))
+    assert len(table[STATE_KEY]) <= STATE_MAX_BYTES
+    written = ControlState.from_json(load_state(table[STATE_KEY]))
+    assert written.offset == 5
+    assert 0 < len(written.pending) < 40_000 and newest in written.pending
+    assert written.pending_forgotten == 40_000 - len(written.pending)
+    assert agents.metrics.state_too_large._value.get() == 0
+
+
+def test_a_capacity_too_small_to_drain_a_backlog_is_refused_from_any_writer() -> None:
+    """1e-320 offloads/s made the backlog's drain time inf in the FLEET signal and the
+    changelog; the CLI refused it, but a record from any other writer and the setting
+    did not."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValueError, match="below"):
+        ControlStep(settings()).apply({"k": "cap", "per_s": 1e-320, "ts": T0}, 0, ControlState())
+    with pytest.raises(ValidationError):
+        ControlSettings(threshold=ThresholdSettings(cloud_capacity_per_s=1e-320))
