@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import faust
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -44,6 +43,7 @@ from edgeloop.agents.eager_drain import EagerDrainConsumer
 from edgeloop.agents.enrich import from_device_record, from_status
 from edgeloop.agents.enrich_stage import INFERENCE, EnrichStep
 from edgeloop.agents.hardness import RouterConfig
+from edgeloop.agents.lean_faust import LeanApp, LeanProducer, RawSchema
 from edgeloop.agents.metrics import AgentMetrics
 from edgeloop.agents.offset_ledger import OffsetLedger
 from edgeloop.agents.records import Observer, Out, Raw, StepResult
@@ -280,13 +280,17 @@ def _bootstrap(kafka: KafkaSettings) -> str:
 def _faust_app(s: AgentsSettings, kafka: KafkaSettings) -> Any:
     app = _faust_app_with_settings(s, kafka)
     # The fetch loop hands each message to its streams without four tasks per message
-    # (agents/eager_drain.py); an instance attribute, so no other app is touched.
+    # (agents/eager_drain.py), and its producer buffer is measured without a settings
+    # lookup per event (agents/lean_faust.py); instance attributes, so no other app is
+    # touched.
     app.transport.Consumer = EagerDrainConsumer
+    app.transport.Producer = LeanProducer
     return app
 
 
 def _faust_app_with_settings(s: AgentsSettings, kafka: KafkaSettings) -> Any:
-    return faust.App(
+    # LeanApp: Faust without its per-event Monitor sensor (agents/lean_faust.py).
+    return LeanApp(
         s.app_id,
         broker=_bootstrap(kafka),
         store="memory://",
@@ -451,10 +455,7 @@ def make_app(
     app.edgeloop = ctx
 
     def topic(name: str) -> Any:
-        return app.topic(
-            name, key_type=bytes, value_type=bytes, key_serializer="raw",
-            value_serializer="raw", partitions=s.partitions,
-        )  # fmt: skip
+        return app.topic(name, schema=RawSchema(), partitions=s.partitions)
 
     tables = {
         name: app.Table(

@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaError
 from faust.types import TP
 
 from edgeloop.agents.backfill import HoleUnreadableError, read_hole
+from edgeloop.agents.batch_send import BatchSender, to_resend
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.dead_letter import dead_letter
 from edgeloop.agents.enrich_stage import ENRICHED, ENRICHED_TOPIC, INFERENCE
@@ -70,6 +71,7 @@ class Context:
     # The verdict stage's offloads per busy second (the control step's measured capacity)
     teacher_rate: TeacherRate = field(default_factory=TeacherRate)
     _registry: RegistryClient | None = None
+    _sender: BatchSender | None = None  # over Faust's aiokafka producer, made on first use
     _progress: dict[Any, tuple[int | None, float]] = field(default_factory=dict)
 
     async def start(self) -> None:
@@ -335,32 +337,37 @@ class Context:
                 pass  # the step dead-letters it with the reason
 
     async def produce(self, outputs: Sequence[Out]) -> None:
-        """Produce `outputs` and wait until Kafka acknowledged every one (retrying from the
-        first failure: a re-sent record has the same id, so a duplicate is harmless)."""
-        # aiokafka's producer under Faust's (started with the app, acks=all): Faust's
-        # wrapper adds a sensor call and header handling per record that we do not use.
-        producer = self.app.producer._ensure_producer()
+        """Produce `outputs` and wait until Kafka acknowledged every one (retrying, per
+        partition, from the first failed record batch: a re-sent record has the same id,
+        so a duplicate is harmless).
+
+        Through aiokafka's producer under Faust's (started with the app, acks=all), one
+        record batch per topic-partition (agents/batch_send.py): Faust's wrapper adds a
+        sensor call and header handling per record that we do not use, and aiokafka's
+        `send` a future per record."""
+        sender = self._sender
+        if sender is None:
+            sender = self._sender = BatchSender(self.app.producer._ensure_producer())
         pending = list(outputs)
         delay = 0.1
         while pending:
-            futures: list[Awaitable[Any]] = []
             try:
-                for out in pending:
-                    futures.append(await producer.send(out.topic, out.value, key=out.key))
-                results = await asyncio.gather(*futures, return_exceptions=True)
+                sent = await sender.send(pending)
+                results = await asyncio.gather(*(s.future for s in sent), return_exceptions=True)
+                again = to_resend(sent, results)
+                error = next((r for r in results if isinstance(r, BaseException)), None)
             except KafkaError as exc:
-                results = [exc] * len(pending)
-            failed = next((i for i, r in enumerate(results) if isinstance(r, BaseException)), None)
-            if failed is None:
+                again, error = pending, exc
+            if not again:
                 return
             self.metrics.retries.labels("kafka").inc()
             log.warning(
                 "produce failed; retrying the batch's outputs",
-                extra={"error": repr(results[failed]), "pending": len(pending) - failed},
+                extra={"error": repr(error), "pending": len(again)},
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.settings.retry_backoff_max_s)
-            pending = pending[failed:]
+            pending = again
 
     async def guarded(
         self, stage: str, batch: Sequence[Raw], body: Callable[[], Awaitable[None]]

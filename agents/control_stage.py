@@ -85,16 +85,15 @@ def _check_numbers(obs: Mapping[str, Any]) -> None:
             ok = isinstance(value, (int, float)) and 0.0 <= value <= 1.0
         elif not isinstance(value, float):
             continue
-        else:
-            ok = math.isfinite(value) and -_MAX_MEASURE <= value <= _MAX_MEASURE
+        else:  # false for NaN and for either infinity too (per event: no isfinite call)
+            ok = -_MAX_MEASURE <= value <= _MAX_MEASURE
         if not ok:
             raise ValueError(f"observation {obs.get('k')!r}: {name} = {value!r} is out of range")
 
 
 def _observation(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str, Any] | None:
     if schema_name in (INFERENCE_EVENT, ENRICHED_EVENT):
-        o = signals.InferenceObs.from_record(rec)
-        return {"k": "inf", "event_id": str(rec["event_id"]), **_fields(o)}
+        return {"k": "inf", "event_id": str(rec["event_id"]), **signals.inference_fields(rec)}
     if schema_name == OFFLOAD_REQUEST:
         return {
             "k": "req",

@@ -73,17 +73,28 @@ class InferenceObs:
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> InferenceObs:
         """From a decoded InferenceEvent (or EnrichedInferenceEvent) dict."""
-        lat = rec["latency"]
-        total_us = lat["preprocess_us"] + lat["inference_us"] + lat["decision_us"]
-        return cls(
-            device_id=str(rec["device_id"]),
-            cohort=str(rec["cohort"]),
-            ts_us=int(rec["ts"]),
-            model_version=int(rec["model_version"]),
-            confidence=float(rec["confidence"]),
-            decision=str(rec["decision"]),
-            latency_ms=total_us / 1000.0,
-        )
+        return cls(**inference_fields(rec))
+
+
+def inference_fields(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """`InferenceObs`'s fields (by name, in its order) of a decoded InferenceEvent (or
+    EnrichedInferenceEvent) dict, without building the object: the worker observes
+    every event it enriches for the control log, which carries these fields as JSON.
+
+    Raises:
+        KeyError, TypeError, ValueError: a field missing or of the wrong type.
+    """
+    lat = rec["latency"]
+    total_us = lat["preprocess_us"] + lat["inference_us"] + lat["decision_us"]
+    return {
+        "device_id": str(rec["device_id"]),
+        "cohort": str(rec["cohort"]),
+        "ts_us": int(rec["ts"]),
+        "model_version": int(rec["model_version"]),
+        "confidence": float(rec["confidence"]),
+        "decision": str(rec["decision"]),
+        "latency_ms": total_us / 1000.0,
+    }
 
 
 @dataclass(frozen=True, slots=True)
