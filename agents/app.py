@@ -35,6 +35,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from edgeloop.agents.batch_send import track_topics
 from edgeloop.agents.context import FLEET, STATUS, Context, now_us
 from edgeloop.agents.control.settings import ControlSettings
 from edgeloop.agents.dead_letter import dead_letter
@@ -488,6 +489,13 @@ def make_app(
     _controls(app, ctx, control or ControlSettings(), agent, stages)
 
     async def start() -> None:
+        # Faust's changelog writes need their topics in the producer's metadata
+        # (agents/batch_send.py `track_topics`); the tables declared them by now.
+        changelogs = [t.changelog_topic.get_topic_name() for t in app.tables.values()]
+        producer = app.producer._ensure_producer()
+        missing = await ctx.retry("kafka", track_topics, producer, changelogs)
+        if missing:
+            log.warning("changelog topics not found; table writes fail", extra={"topics": missing})
         await ctx.start()
         if ctx.teacher is not None:
             await ctx.teacher.batcher.run()

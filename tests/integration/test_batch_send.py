@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from edgeloop.agents.batch_send import BatchSender, to_resend
+from edgeloop.agents.batch_send import BatchSender, to_resend, track_topics
 from edgeloop.agents.records import Out
 from edgeloop.infra.kafka import KafkaBroker
 from tests.integration.test_topic_reader import create
@@ -106,3 +106,41 @@ async def test_unkeyed_records_are_sent_too(kafka_broker: KafkaBroker) -> None:
     finally:
         await consumer.stop()
     assert sorted(values) == sorted(o.value for o in outputs)
+
+
+def _faust_key_partition(producer: AIOKafkaProducer, topic: str) -> int:
+    # What Faust's `Producer.key_partition` calls for every table write (synchronously,
+    # with no wait on metadata).
+    return int(producer._partition(topic, None, None, None, b"dev-001", None))
+
+
+async def test_a_changelog_created_after_the_producer_started_stays_in_its_metadata(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """A worker's table writes failed for its whole life (TypeError in Faust's
+    `key_partition`) when its producer started before the changelog topics existed and
+    then sent to a topic it did not know yet: aiokafka then refreshes only the topics
+    it tracks. `track_topics` keeps the changelogs tracked."""
+    bootstrap = kafka_broker.bootstrap
+    name = f"track-{uuid.uuid4().hex[:8]}"
+    changelog, output, later, absent = (
+        f"{name}-{s}" for s in ("changelog", "out", "later", "absent")
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for topic in (changelog, output, later):
+            await create(bootstrap, topic, 2)
+        await producer.send_and_wait(output, b"x", key=b"dev-001")  # `output` now tracked alone
+        await producer.client.force_metadata_update()
+        with pytest.raises(TypeError):  # the fault: the changelog is not in the metadata
+            _faust_key_partition(producer, changelog)
+
+        assert await track_topics(producer, [changelog, absent]) == [absent]
+        await producer.send_and_wait(later, b"y", key=b"dev-001")  # another new topic
+        await producer.client.force_metadata_update()
+        assert _faust_key_partition(producer, changelog) in (0, 1)
+        # A topic that did not exist is not asked for (a broker would auto-create it).
+        assert absent not in (await producer.client.fetch_all_metadata()).topics()
+    finally:
+        await producer.stop()
