@@ -32,10 +32,11 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import faust
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from edgeloop.agents.batch_send import track_topics
+from edgeloop.agents.batch_send import ChangelogTracking
 from edgeloop.agents.context import FLEET, STATUS, Context, now_us
 from edgeloop.agents.control.settings import ControlSettings
 from edgeloop.agents.dead_letter import dead_letter
@@ -44,7 +45,7 @@ from edgeloop.agents.eager_drain import EagerDrainConsumer
 from edgeloop.agents.enrich import from_device_record, from_status
 from edgeloop.agents.enrich_stage import INFERENCE, EnrichStep
 from edgeloop.agents.hardness import RouterConfig
-from edgeloop.agents.lean_faust import LeanApp, LeanProducer, RawSchema
+from edgeloop.agents.lean_faust import LeanProducer, RawSchema
 from edgeloop.agents.metrics import AgentMetrics
 from edgeloop.agents.offset_ledger import OffsetLedger
 from edgeloop.agents.records import Observer, Out, Raw, StepResult
@@ -290,8 +291,7 @@ def _faust_app(s: AgentsSettings, kafka: KafkaSettings) -> Any:
 
 
 def _faust_app_with_settings(s: AgentsSettings, kafka: KafkaSettings) -> Any:
-    # LeanApp: Faust without its per-event Monitor sensor (agents/lean_faust.py).
-    return LeanApp(
+    return faust.App(
         s.app_id,
         broker=_bootstrap(kafka),
         store="memory://",
@@ -488,14 +488,10 @@ def make_app(
 
     _controls(app, ctx, control or ControlSettings(), agent, stages)
 
+    changelogs = ChangelogTracking(app)
+
     async def start() -> None:
-        # Faust's changelog writes need their topics in the producer's metadata
-        # (agents/batch_send.py `track_topics`); the tables declared them by now.
-        changelogs = [t.changelog_topic.get_topic_name() for t in app.tables.values()]
-        producer = app.producer._ensure_producer()
-        missing = await ctx.retry("kafka", track_topics, producer, changelogs)
-        if missing:
-            log.warning("changelog topics not found; table writes fail", extra={"topics": missing})
+        await ctx.retry("kafka", changelogs.track)  # the tables declared them by now
         await ctx.start()
         if ctx.teacher is not None:
             await ctx.teacher.batcher.run()
@@ -530,6 +526,7 @@ def make_app(
     app.task(start)
     app.timer(s.teacher_reload_s)(reload_teacher)
     app.timer(5.0)(consumer_lag)
+    app.timer(5.0)(changelogs.track_again)
     app.timer(max(s.stall_s / 3, 0.5))(agent.sweep_tails)
     app.timer(max(s.dedupe_flush_s, 0.1))(flush_dedupe)
     app.page("/metrics")(metrics_page)

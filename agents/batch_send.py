@@ -21,7 +21,12 @@ from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from edgeloop.agents.records import Out
+from edgeloop.core.logs import get_logger
+
+log = get_logger(__name__)
 
 # Keys remembered per producer before the cache starts over (a fleet's devices times the
 # output topics fit many times over; a flood of distinct keys cannot grow it unbounded).
@@ -101,7 +106,10 @@ class BatchSender:
                 future = await self.producer.send_batch(batch, topic, partition=partition)
                 sent.append(Sent(topic, partition, members, future))
                 batch, members = self.producer.create_batch(), list[Out]()
-                batch.append(key=out.key, value=out.value, timestamp=None)
+                if batch.append(key=out.key, value=out.value, timestamp=None) is None:
+                    # Never: an empty batch takes any record. Were it refused, the record
+                    # would count as acknowledged unsent; the caller dead-letters instead.
+                    raise RuntimeError(f"an empty record batch refused a record for {topic}")
             members.append(out)
         future = await self.producer.send_batch(batch, topic, partition=partition)
         sent.append(Sent(topic, partition, members, future))
@@ -160,6 +168,7 @@ async def track_topics(producer: Any, topics: Iterable[str]) -> list[str]:
     Raises:
         KafkaError: the metadata could not be read (the broker is down); retriable.
     """
+    topics = list(topics)  # read twice below
     client = producer.client
     existing = (await client.fetch_all_metadata()).topics()
     missing = sorted(t for t in topics if t not in existing)
@@ -168,3 +177,35 @@ async def track_topics(producer: Any, topics: Iterable[str]) -> list[str]:
             client.add_topic(topic)
     await client.force_metadata_update()
     return missing
+
+
+class ChangelogTracking:
+    """Keeps a Faust app's changelog topics in its producer's metadata (`track_topics`):
+    once at start, then every few seconds for those that did not exist yet."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.untracked = [t.changelog_topic.get_topic_name() for t in app.tables.values()]
+        self.checked = False
+
+    async def track(self) -> None:
+        """Track the changelogs not tracked yet; log those still missing.
+
+        Raises:
+            KafkaError: the metadata could not be read (retriable).
+        """
+        missing = await track_topics(self.app.producer._ensure_producer(), self.untracked)
+        if missing:
+            log.warning(
+                "changelog topics not found; their table writes fail until they exist",
+                extra={"topics": missing},
+            )
+        self.untracked, self.checked = missing, True
+
+    async def track_again(self) -> None:
+        """A timer's body: `track` while some changelog is missing; never raises."""
+        if self.checked and self.untracked:
+            try:
+                await self.track()
+            except KafkaError as exc:  # the broker is down: the next tick tries again
+                log.info("changelog tracking deferred", extra={"error": repr(exc)})

@@ -345,9 +345,10 @@ class Context:
         record batch per topic-partition (agents/batch_send.py): Faust's wrapper adds a
         sensor call and header handling per record that we do not use, and aiokafka's
         `send` a future per record."""
+        producer = self.app.producer._ensure_producer()
         sender = self._sender
-        if sender is None:
-            sender = self._sender = BatchSender(self.app.producer._ensure_producer())
+        if sender is None or sender.producer is not producer:  # Faust restarted it
+            sender = self._sender = BatchSender(producer)
         pending = list(outputs)
         delay = 0.1
         while pending:

@@ -3,47 +3,31 @@
 Measured with py-spy on a worker draining a backlog (`edgeloop bench agents`), Faust
 0.15.3 spends, for every event, besides delivering it:
 
-- about 3.5% of the worker's CPU in its `Monitor` sensor (`on_message_in`,
-  `on_stream_event_in`/`_out`, `on_message_out`): counters and timings for Faust's own
-  `/stats` pages, which edgeloop does not serve or read (its `/metrics` counts events per
-  stage itself);
 - about 2% in the conductor's `wait_until_producer_ebb`, whose `ProducerBuffer.size`
   reads the `producer_threaded` setting through Faust's settings registry on every call;
 - about 2.5% in the channel's key and value `loads`: the serializer registry's lookup of
   the `raw` codec, which hands the broker's bytes back as they came.
 
-`LeanApp` starts without the Monitor in its sensor chain; `LeanProducer`'s buffer answers
-`size` from its queue directly; `RawSchema` hands a record's key and value on as the
-broker delivered them. None changes what is delivered, acknowledged or committed: the
-Monitor only observes, the buffer's size is the same number, and the `raw` codec's
-`loads` of bytes is the bytes.
+`LeanProducer`'s buffer answers `size` from its queue directly; `RawSchema` hands a
+record's key and value on as the broker delivered them. Neither changes what is
+delivered, acknowledged or committed: the buffer's size is the same number, and the `raw`
+codec's `loads` of bytes is the bytes.
+
+Faust's per-event `Monitor` sensor (about 3.5% of the CPU) stays: its consumer's livelock
+detector reads the Monitor's per-partition `stream_inbound_time`, and without it logs
+"Stream has not started processing" for every lagging partition and skips its commit
+checks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import faust
 from faust.transport.drivers.aiokafka import Producer
 from faust.transport.producer import ProducerBuffer
 from faust.types import AppT, Message
-
-
-class LeanApp(faust.App):
-    """A Faust app whose sensor chain leaves out the per-event `Monitor`.
-
-    The consumer still calls the Monitor directly for end offsets and commits (cheap, per
-    fetch and per commit); only the per-event sensor calls are gone. Faust's `/stats`
-    web pages then show no event counts: read the worker's `/metrics` instead.
-    """
-
-    def on_init_dependencies(self) -> Iterable[Any]:
-        services = super().on_init_dependencies()
-        # `services` chains `self.sensors` lazily: removed here, the Monitor is neither
-        # started nor called per event.
-        self.sensors.remove(self.monitor)
-        return services
 
 
 class RawSchema(faust.Schema[bytes, bytes]):

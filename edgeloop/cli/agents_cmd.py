@@ -96,6 +96,7 @@ def agents(**options: Any) -> None:
     # and the default threshold ran a collection every few events' worth of batch
     # (about 1,500 passes, 7% of the CPU, in a 100k-event `edgeloop bench agents` drain;
     # with these thresholds 2-3 passes). Full passes stay: every 20 x 10 young ones.
+    gc.collect()  # start-up garbage is not frozen for good
     gc.freeze()
     gc.set_threshold(50_000, 20, 10)
     worker.execute_from_commandline()

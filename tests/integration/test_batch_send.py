@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from edgeloop.agents.batch_send import BatchSender, to_resend, track_topics
+from edgeloop.agents.batch_send import BatchSender, ChangelogTracking, to_resend, track_topics
 from edgeloop.agents.records import Out
 from edgeloop.infra.kafka import KafkaBroker
 from tests.integration.test_topic_reader import create
@@ -142,5 +143,40 @@ async def test_a_changelog_created_after_the_producer_started_stays_in_its_metad
         assert _faust_key_partition(producer, changelog) in (0, 1)
         # A topic that did not exist is not asked for (a broker would auto-create it).
         assert absent not in (await producer.client.fetch_all_metadata()).topics()
+    finally:
+        await producer.stop()
+
+
+class _Table:
+    def __init__(self, changelog: str) -> None:
+        self.changelog_topic = SimpleNamespace(get_topic_name=lambda: changelog)
+
+
+async def test_a_changelog_that_appears_after_start_is_tracked_at_the_next_tick(
+    kafka_broker: KafkaBroker,
+) -> None:
+    """A changelog that did not exist when the worker started (declared late, or created
+    by an operator) is tracked once it exists, not left failing every write."""
+    bootstrap = kafka_broker.bootstrap
+    name = f"retrack-{uuid.uuid4().hex[:8]}"
+    changelog, output = f"{name}-changelog", f"{name}-out"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        # The worker's Faust app, as `ChangelogTracking` reads it: its tables and producer.
+        app = SimpleNamespace(
+            tables={"dedupe": _Table(changelog)},
+            producer=SimpleNamespace(_ensure_producer=lambda: producer),
+        )
+        tracking = ChangelogTracking(app)
+        await tracking.track()
+        assert tracking.untracked == [changelog]
+        await create(bootstrap, changelog, 2)
+        await create(bootstrap, output, 2)
+        await producer.send_and_wait(output, b"x", key=b"dev-001")  # restricts the metadata
+        await tracking.track_again()
+        assert tracking.untracked == []
+        await producer.client.force_metadata_update()
+        assert _faust_key_partition(producer, changelog) in (0, 1)
     finally:
         await producer.stop()

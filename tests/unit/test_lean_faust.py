@@ -10,7 +10,7 @@ import pytest
 from faust.transport.producer import ProducerBuffer
 from faust.types import TP, Message
 
-from edgeloop.agents.lean_faust import LeanApp, LeanProducer, RawSchema
+from edgeloop.agents.lean_faust import LeanProducer, RawSchema
 
 
 def _message(key: bytes | None, value: bytes | None) -> Message:
@@ -58,12 +58,3 @@ async def test_the_lean_producer_buffer_counts_pending_messages_as_fausts_does(a
         buffer.pending.put_nowait(n)  # what `ProducerBuffer.put` queues for a table write
     faust_size = ProducerBuffer.size.fget(buffer)  # Faust's own property
     assert buffer.size == faust_size == 3
-
-
-def test_the_lean_app_starts_without_the_per_event_monitor() -> None:
-    app = LeanApp("lean-app-test", broker="kafka://127.0.0.1:9", autodiscover=False)
-    services = list(app.on_init_dependencies())
-    assert app.monitor not in list(app.sensors)
-    assert app.monitor not in services
-    # The consumer's direct calls (end offsets, commits) still find a monitor.
-    app.monitor.track_tp_end_offset(TP("edge.inference.v1", 0), 10)
