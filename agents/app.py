@@ -36,7 +36,7 @@ import faust
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from edgeloop.agents.batch_send import ChangelogTracking
+from edgeloop.agents.changelog_tracking import ChangelogTracking
 from edgeloop.agents.context import FLEET, STATUS, Context, now_us
 from edgeloop.agents.control.settings import ControlSettings
 from edgeloop.agents.dead_letter import dead_letter

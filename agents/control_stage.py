@@ -23,7 +23,7 @@ and offsets only (see the modules above), so a replay produces the same records.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +131,9 @@ def _log_records(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str
         }
     return None
 
+
+# An inference observation's keys: its kind, the event id and InferenceObs's fields.
+_INF_KEYS = 2 + len(signals.InferenceObs.__slots__)
 
 _RELEASE_FIELDS = ("model_name", "model_version", "cohort", "stage", "wave", "artifact_url",
                    "manifest_sha256", "target", "parent_version")  # fmt: skip
@@ -343,6 +346,17 @@ class ControlStep:
         # them (`take_dropped`): the worker logs and counts each (nothing else would tell
         # the operator whose `edgeloop train trigger` was answered with nothing).
         self._dropped: list[dict[str, Any]] = []
+        self._handlers: dict[str, Callable[[Mapping[str, Any], ControlState], list[Output]]] = {
+            "inf": self._observe,
+            "st": self._observe,
+            "ver": self._observe,
+            "req": self._remember,
+            "hard": self._hard,
+            "tick": self._tick,
+            "manual": self._manual,
+            "rel": self._release,
+            "cap": self._capacity,
+        }
 
     def take_dropped(self) -> list[dict[str, Any]]:
         """The manual requests dropped since the last call: {"request_id", "reason"
@@ -413,28 +427,25 @@ class ControlStep:
         kind = obs["k"]
         if kind in ("inf", "st"):
             state.devices[str(obs["device_id"])] = str(obs["cohort"])
-        handler = {
-            "inf": self._observe,
-            "st": self._observe,
-            "ver": self._observe,
-            "req": self._remember,
-            "hard": self._hard,
-            "tick": self._tick,
-            "manual": self._manual,
-            "rel": self._release,
-            "cap": self._capacity,
-        }.get(kind)
+        handler = self._handlers.get(kind)
         if handler is None:
             raise ValueError(f"unknown observation kind {kind!r}")
         return handler(obs, state)
 
     def _observe(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
-        fields = {k: v for k, v in obs.items() if k not in ("k", "event_id", "model_version")}
         item: signals.Obs | None
         if obs["k"] == "inf":
-            item = signals.InferenceObs(**fields, model_version=int(obs["model_version"]))
+            # Per event: built from the keys directly (no dict of the fields first); a
+            # key more or less than `observation` writes is malformed, as before.
+            if len(obs) != _INF_KEYS:
+                raise TypeError(f"an inference observation has keys {sorted(obs)}")
+            item = signals.InferenceObs(
+                obs["device_id"], obs["cohort"], obs["ts_us"], int(obs["model_version"]),
+                obs["confidence"], obs["decision"], obs["latency_ms"],
+            )  # fmt: skip
             self._judge_event(obs, item, state)
         elif obs["k"] == "st":
+            fields = {k: v for k, v in obs.items() if k != "k"}
             item = signals.StatusObs(**fields)
         else:
             item = self._verdict(obs, state)

@@ -7,6 +7,10 @@ and 1% of the records sent twice, which dedupe must drop), then drains that back
 - bare: one aiokafka consumer -> producer loop (acks=all) copying the bytes to
   `edge.inference.enriched.v1`, no decoding: the ceiling of any consume -> produce
   worker on this broker and machine;
+- Faust floor, stock and lean (edgeloop/bench/faust_floor.py): a Faust app whose one
+  agent copies the bytes in `take_events` batches, as the worker's enrich agent takes
+  them, with no step in between: what Faust's per-event delivery alone allows, so the
+  share of the bare loop any Faust worker can reach here;
 - agents: one `edgeloop agents --no-verdicts` worker process (the Faust app: decode,
   dedupe table with changelog, fleet join, enriched framing, acks=all), timed from its
   first produced record to its last by its own /metrics (events out of the enrich stage).
@@ -17,6 +21,7 @@ Targets (issue 9): ≥ 10,000 events/s per worker and ≥ 50% of the bare loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -44,6 +49,7 @@ TARGET_RATE = 10_000
 TARGET_SHARE = 0.5
 DEVICES = 200
 SOURCE = "edge.inference.v1"
+PARTITIONS = 6  # ensure_topics' default
 SINK = "edge.inference.enriched.v1"
 
 
@@ -116,6 +122,50 @@ async def bare_loop(bootstrap: str, n: int) -> dict[str, float]:
     finally:
         await consumer.stop()
         await producer.stop()
+
+
+async def faust_floor(home: Path, bootstrap: str, n: int, *, lean: bool) -> dict[str, float]:
+    """Events/s of the Faust floor process (edgeloop/bench/faust_floor.py) copying the
+    backlog; the rates are its own, from its first batch's acknowledgement to its last."""
+    variant = "lean" if lean else "stock"
+    out = home / f"faust-floor-{variant}.json"
+    log = home / f"faust-floor-{variant}.log"
+    cmd = [sys.executable, "-m", "edgeloop.bench.faust_floor", "--bootstrap", bootstrap,
+           "--source", SOURCE, "--partitions", str(PARTITIONS), "--n", str(n),
+           "--out", str(out), "--data-dir", str(home / f"faust-floor-{variant}"),
+           "--web-port", str(free_port()), *(["--lean"] if lean else [])]  # fmt: skip
+    proc = _start(cmd, log)
+    try:
+        deadline = time.monotonic() + 600
+        while (res := await asyncio.to_thread(_read_json, out)) is None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Faust floor ({variant}) exited; see {log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Faust floor ({variant}) did not copy {n} records; see {log}")
+            await asyncio.sleep(0.25)
+        return {
+            "events_per_s": res["records"] / res["seconds"],
+            "events_per_cpu_s": res["records"] / res["cpu_s"] if res["cpu_s"] else 0.0,
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        return subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in `path`, or None while it is missing or not yet whole."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _metric(port: int, name: str, **labels: str) -> float:
@@ -213,6 +263,10 @@ async def _run(quick: bool) -> dict[str, Any]:
                 await fleet.write(new_record(f"bench-{d:04d}", cohort="canary"))
             distinct = await _prefill(bootstrap, registry, n)
         bare = await bare_loop(bootstrap, distinct)
+        floors = {
+            variant: await faust_floor(home, bootstrap, distinct, lean=variant == "lean")
+            for variant in ("stock", "lean")
+        }
         agents = await agents_worker(home, distinct)
     ok = agents["produced"] >= distinct
     if ok:
@@ -221,8 +275,20 @@ async def _run(quick: bool) -> dict[str, Any]:
     cpu_share = (
         agents["events_per_cpu_s"] / bare["events_per_cpu_s"] if bare["events_per_cpu_s"] else 0.0
     )
+
+    def vs_bare(r: dict[str, float]) -> dict[str, float]:
+        rate, cpu = bare["events_per_s"], bare["events_per_cpu_s"]
+        return {
+            "vs_bare": r["events_per_s"] / rate if rate else 0.0,
+            "cpu_vs_bare": r["events_per_cpu_s"] / cpu if cpu else 0.0,
+        }
+
     rows = [
         {"what": "bare aiokafka consume -> produce", **bare, "vs_bare": 1.0, "cpu_vs_bare": 1.0},
+        {"what": "Faust floor, stock: take_events -> produce", **floors["stock"],
+         **vs_bare(floors["stock"])},
+        {"what": "Faust floor, lean (the worker's Faust changes)", **floors["lean"],
+         **vs_bare(floors["lean"])},
         {"what": "agents worker: enrich + dedupe", "events_per_s": agents["events_per_s"],
          "events_per_cpu_s": agents["events_per_cpu_s"], "vs_bare": share,
          "cpu_vs_bare": cpu_share},
@@ -234,10 +300,21 @@ async def _run(quick: bool) -> dict[str, Any]:
         # Wall-clock rates move with whatever else the machine runs; events per CPU-second
         # of the process (all its threads) do not, so both are reported.
         "columns": ["what", "events_per_s", "vs_bare", "events_per_cpu_s", "cpu_vs_bare"],
-        "runs": {"bare_events_per_s": bare, "agents": agents, "events": distinct},
+        "runs": {
+            "bare_events_per_s": bare,
+            "faust_floor": floors,
+            "agents": agents,
+            "events": distinct,
+        },
         "summary": {
             "agents_events_per_s": agents["events_per_s"],
             "share_of_bare": share,
+            "faust_floor_share_of_bare": vs_bare(floors["lean"])["vs_bare"],
+            "share_of_faust_floor": (
+                agents["events_per_s"] / floors["lean"]["events_per_s"]
+                if floors["lean"]["events_per_s"]
+                else 0.0
+            ),
             "agents_events_per_cpu_s": agents["events_per_cpu_s"],
             "cpu_share_of_bare": cpu_share,
             "target_events_per_s": TARGET_RATE,

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from edgeloop.agents.batch_send import BatchSender, ChangelogTracking, to_resend, track_topics
+from edgeloop.agents.batch_send import BatchSender, to_resend
+from edgeloop.agents.changelog_tracking import ChangelogTracking, track_topics
 from edgeloop.agents.records import Out
 from edgeloop.infra.kafka import KafkaBroker
 from tests.integration.test_topic_reader import create

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -542,6 +543,26 @@ def test_a_malformed_observation_in_a_packed_record_costs_only_itself() -> None:
         decode(pack(broken)[0]), 0, ControlState()
     )
     assert malformed == 2
+    assert out == run(ControlStep(settings()), log, ControlState())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda o: o.pop("latency_ms"), id="a field missing"),
+        pytest.param(lambda o: o.update(rtt_ms=3.0), id="a field too many"),
+    ],
+)
+def test_an_inference_observation_with_other_keys_is_malformed(
+    change: Callable[[dict[str, Any]], object],
+) -> None:
+    log = scripted_log(windows=2)
+    odd = inference("north-001", "north", 1, 0.9)
+    change(odd)
+    out, malformed = ControlStep(settings()).apply_record(
+        decode(pack([*log[:5], odd, *log[5:]])[0]), 0, ControlState()
+    )
+    assert malformed == 1
     assert out == run(ControlStep(settings()), log, ControlState())
 
 

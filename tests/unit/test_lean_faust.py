@@ -45,6 +45,8 @@ async def test_raw_schema_decodes_what_fausts_raw_codec_decodes(
     ours = await RawSchema().decode(app, _message(key, value), propagate=True)
     theirs = await faust_own.decode(app, _message(key, value), propagate=True)
     assert (ours.key, ours.value) == (theirs.key, theirs.value) == (key, value)
+    assert type(ours) is type(theirs)
+    assert ours.headers == theirs.headers
     assert ours.message.offset == 41
 
 
