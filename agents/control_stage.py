@@ -133,7 +133,7 @@ def _log_records(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str
 
 
 # An inference observation's keys: its kind, the event id and InferenceObs's fields.
-_INF_KEYS = 2 + len(signals.InferenceObs.__slots__)
+_INF_KEYS = frozenset(("k", "event_id", *signals.InferenceObs.__slots__))
 
 _RELEASE_FIELDS = ("model_name", "model_version", "cohort", "stage", "wave", "artifact_url",
                    "manifest_sha256", "target", "parent_version")  # fmt: skip
@@ -435,9 +435,9 @@ class ControlStep:
     def _observe(self, obs: Mapping[str, Any], state: ControlState) -> list[Output]:
         item: signals.Obs | None
         if obs["k"] == "inf":
-            # Per event: built from the keys directly (no dict of the fields first); a
-            # key more or less than `observation` writes is malformed, as before.
-            if len(obs) != _INF_KEYS:
+            # Per event: built from the keys directly (no dict of the fields first); keys
+            # other than those `observation` writes are malformed, as before.
+            if obs.keys() != _INF_KEYS:
                 raise TypeError(f"an inference observation has keys {sorted(obs)}")
             item = signals.InferenceObs(
                 obs["device_id"], obs["cohort"], obs["ts_us"], int(obs["model_version"]),

@@ -551,6 +551,7 @@ def test_a_malformed_observation_in_a_packed_record_costs_only_itself() -> None:
     [
         pytest.param(lambda o: o.pop("latency_ms"), id="a field missing"),
         pytest.param(lambda o: o.update(rtt_ms=3.0), id="a field too many"),
+        pytest.param(lambda o: o.update(id=o.pop("event_id")), id="a field renamed"),
     ],
 )
 def test_an_inference_observation_with_other_keys_is_malformed(
