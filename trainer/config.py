@@ -39,6 +39,10 @@ class TrainConfig:
     augment_drift: bool = False
     # Keep only the base data a retrain needs: a fraction of the clean train set (replay).
     replay_fraction: float = 1.0
+    # WiSE-FT (Wortsman et al. 2022): the saved weights are (1 - mix) * init checkpoint
+    # + mix * fine-tuned weights, a point on the straight line from the parent to the
+    # fine-tune; 1 = the fine-tuned weights as trained. Ignored without `init_checkpoint`.
+    finetune_mix: float = 1.0
     checkpoint_every: int = 5
     # Rank 0 rewrites this JSON file ({"epoch": done, "epochs": total}) after every epoch,
     # so whoever launched the run can show its progress (`train serve`'s gauges); "" = none.
@@ -54,6 +58,7 @@ class TrainConfig:
             "hard_repeat": self.hard_repeat >= 1,
             "replay_fraction": 0.0 < self.replay_fraction <= 1.0,
             "role": self.role in ("student", "teacher"),
+            "finetune_mix": 0.0 < self.finetune_mix <= 1.0,
         }
         for name, ok in checks.items():
             if not ok:

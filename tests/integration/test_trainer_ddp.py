@@ -58,3 +58,26 @@ def test_resume_from_checkpoint_continues(tmp_path: Path) -> None:
     assert torch.load(out / "checkpoint.pt")["epoch"] == 2
     # Only one epoch of samples was processed in the resumed run.
     assert res["samples_per_s"] > 0
+
+
+def test_finetune_mix_saves_the_point_between_parent_and_fine_tune(tmp_path: Path) -> None:
+    """WiSE-FT: with finetune_mix m the saved weights are (1 - m) * parent + m * the
+    fine-tune's own result, and a resumed, already finished run does not mix twice."""
+    run_training(TrainConfig(out_dir=str(tmp_path / "p"), role="student", epochs=1), nproc=1)
+    parent_ckpt = str(tmp_path / "p" / "model.pt")
+
+    def fine_tune(name: str, mix: float) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(out_dir=str(tmp_path / name), role="student", epochs=1,
+                          init_checkpoint=parent_ckpt, finetune_mix=mix)  # fmt: skip
+        run_training(cfg, nproc=1)
+        state: dict[str, torch.Tensor] = torch.load(tmp_path / name / "model.pt")
+        return state
+
+    parent: dict[str, torch.Tensor] = torch.load(parent_ckpt)
+    tuned = fine_tune("full", 1.0)
+    mixed = fine_tune("mixed", 0.25)
+    for name, value in mixed.items():
+        assert torch.allclose(value, 0.75 * parent[name] + 0.25 * tuned[name], atol=1e-6), name
+    assert any(not torch.equal(tuned[n], parent[n]) for n in tuned)  # the test can fail
+    again = fine_tune("mixed", 0.25)  # same out dir: resumes from the final checkpoint
+    assert all(torch.equal(again[n], mixed[n]) for n in mixed)
