@@ -132,8 +132,10 @@ def _log_records(schema_name: str, rec: Mapping[str, Any], raw: Raw) -> dict[str
     return None
 
 
-# An inference observation's keys: its kind, the event id and InferenceObs's fields.
+# An inference observation's keys: its kind, the event id and InferenceObs's fields
+# (the first workers wrote no event id: their records are read as before).
 _INF_KEYS = frozenset(("k", "event_id", *signals.InferenceObs.__slots__))
+_INF_KEYS_NO_ID = _INF_KEYS - {"event_id"}
 
 _RELEASE_FIELDS = ("model_name", "model_version", "cohort", "stage", "wave", "artifact_url",
                    "manifest_sha256", "target", "parent_version")  # fmt: skip
@@ -437,15 +439,17 @@ class ControlStep:
         if obs["k"] == "inf":
             # Per event: built from the keys directly (no dict of the fields first); keys
             # other than those `observation` writes are malformed, as before.
-            if obs.keys() != _INF_KEYS:
+            keys = obs.keys()
+            if keys not in (_INF_KEYS, _INF_KEYS_NO_ID):
                 raise TypeError(f"an inference observation has keys {sorted(obs)}")
             item = signals.InferenceObs(
-                obs["device_id"], obs["cohort"], obs["ts_us"], int(obs["model_version"]),
-                obs["confidence"], obs["decision"], obs["latency_ms"],
+                device_id=obs["device_id"], cohort=obs["cohort"], ts_us=obs["ts_us"],
+                model_version=int(obs["model_version"]), confidence=obs["confidence"],
+                decision=obs["decision"], latency_ms=obs["latency_ms"],
             )  # fmt: skip
             self._judge_event(obs, item, state)
         elif obs["k"] == "st":
-            fields = {k: v for k, v in obs.items() if k != "k"}
+            fields = {k: v for k, v in obs.items() if k not in ("k", "event_id", "model_version")}
             item = signals.StatusObs(**fields)
         else:
             item = self._verdict(obs, state)

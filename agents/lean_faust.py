@@ -76,6 +76,7 @@ class RawSchema(faust.Schema[bytes, bytes]):
         """The channel's per-message decoder: `Schema.compile`'s, less what cannot happen
         for bytes (a key or value decode error) and less the per-event settings lookup
         of `App.create_event`. Events are the app's `Event` class, as Faust makes them."""
+        app.finalize()  # as Faust's compile does (through `app.serializers`)
         event_type: Any = app.conf.Event
 
         async def decode(message: Message, *, propagate: bool = default_propagate) -> Any:

@@ -4,13 +4,13 @@ On one embedded stack (Tansu, the registry) this pre-fills `edge.inference.v1` w
 Confluent-framed InferenceEvents from 200 devices (a fifth of them in the fleet table,
 and 1% of the records sent twice, which dedupe must drop), then drains that backlog:
 
-- bare: one aiokafka consumer -> producer loop (acks=all) copying the bytes to
+- bare: one aiokafka consumer -> producer loop (acks=all, on uvloop) copying the bytes to
   `edge.inference.enriched.v1`, no decoding: the ceiling of any consume -> produce
   worker on this broker and machine;
 - Faust floor, stock and lean (edgeloop/bench/faust_floor.py): a Faust app whose one
   agent copies the bytes in `take_events` batches, as the worker's enrich agent takes
   them, with no step in between: what Faust's per-event delivery alone allows, so the
-  share of the bare loop any Faust worker can reach here;
+  share of the bare loop a Faust worker built like ours can reach here;
 - agents: one `edgeloop agents --no-verdicts` worker process (the Faust app: decode,
   dedupe table with changelog, fleet join, enriched framing, acks=all), timed from its
   first produced record to its last by its own /metrics (events out of the enrich stage).
@@ -327,4 +327,8 @@ async def _run(quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    return asyncio.run(_run(quick))
+    # On uvloop, as the worker runs (edgeloop/cli/agents_cmd.py): the bare loop is the
+    # ceiling of a consume -> produce worker, so it gets the faster event loop too.
+    import uvloop
+
+    return uvloop.run(_run(quick))

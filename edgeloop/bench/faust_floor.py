@@ -5,13 +5,15 @@ two sits Faust itself, which the stack requires: this process is a Faust app who
 agent does what the worker's enrich agent does around its step and nothing else. It
 takes the backlog in `take_events` batches of the worker's size, and copies each
 record's bytes, undecoded, to a sink topic through the worker's batch sender (one record
-batch per topic-partition, acks=all), acknowledging each batch once it is acknowledged.
-No decoding, no table, no control plane: a Faust worker that does any work runs below it.
+batch per topic-partition, acks=all), and takes the next batch once Kafka acknowledged
+the copies. No decoding, no table, no control plane: a Faust worker built like the
+agents worker (serial batches of `batch_max`, each acknowledged before the next) that
+does any work runs below it.
 
 Two variants (`--lean`):
 - stock: Faust 0.15.3's consumer and producer, the topic read with its `raw` codec;
-- lean: with the worker's delivery changes (agents/eager_drain.py, agents/lean_faust.py)
-  and its collector thresholds (edgeloop/cli/agents_cmd.py).
+- lean: with the worker's delivery changes (agents/eager_drain.py, agents/lean_faust.py),
+  its event loop (uvloop) and its collector thresholds (edgeloop/cli/agents_cmd.py).
 
 Run by the bench as a subprocess; it writes one JSON object to `--out` once `--n` records
 were copied: records, seconds and CPU seconds (all threads) from the first batch's
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import uvloop
 
 from edgeloop.agents.app import _faust_app_with_settings
 from edgeloop.agents.batch_send import BatchSender
@@ -104,8 +107,10 @@ def main() -> None:
     parser.add_argument("--lean", action="store_true", help="with the worker's Faust changes")
     args = parser.parse_args()
     app = build(args)
-    worker = faust.Worker(app, loglevel="warning", quiet=True)
     if args.lean:  # as `edgeloop agents` does before it runs its worker
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    worker = faust.Worker(app, loglevel="warning", quiet=True)
+    if args.lean:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 10)

@@ -56,7 +56,8 @@ class _Producer:
 
 
 class _FlakySender:
-    """A batch sender whose record batch for partition 0 holding b"c" fails once."""
+    """A batch sender that puts each output in a record batch of its own, all in
+    partition 0; the one holding b"c" fails once."""
 
     def __init__(self, producer: _Producer) -> None:
         self.producer = producer
@@ -67,19 +68,14 @@ class _FlakySender:
         self.calls.append(_values(outputs))
         loop = asyncio.get_running_loop()
         sent = []
-        for batch in (
-            [o for o in outputs if o.value < b"c"],
-            [o for o in outputs if o.value >= b"c"],
-        ):
-            if not batch:
-                continue
+        for out in outputs:
             future = loop.create_future()
-            if batch[0].value == b"c" and not self.failed:
+            if out.value == b"c" and not self.failed:
                 self.failed = True
                 future.set_exception(KafkaTimeoutError())
             else:
                 future.set_result(None)
-            sent.append(Sent("t", 0, batch, future))
+            sent.append(Sent("t", 0, [out], future))
         return sent
 
 
@@ -92,7 +88,8 @@ async def test_produce_sends_again_from_the_failed_batch_and_returns_once_all_ar
     ctx = Context(AgentsSettings(), KafkaSettings(), RegistrySettings(), metrics, app=app)
     sender = _FlakySender(producer)
     ctx._sender = sender  # type: ignore[assignment]
-    outs = [Out("t", b"k", v) for v in (b"a", b"b", b"c", b"d")]
+    outs = [Out("t", b"k", v) for v in (b"a", b"b", b"c", b"d", b"e")]
     await asyncio.wait_for(ctx.produce(outs), 10)
-    assert sender.calls == [[b"a", b"b", b"c", b"d"], [b"c", b"d"]]
+    # b"d" and b"e" were acknowledged after the failed b"c": sent again, for the order.
+    assert sender.calls == [[b"a", b"b", b"c", b"d", b"e"], [b"c", b"d", b"e"]]
     assert metrics.retries.labels("kafka")._value.get() == 1

@@ -546,6 +546,16 @@ def test_a_malformed_observation_in_a_packed_record_costs_only_itself() -> None:
     assert out == run(ControlStep(settings()), log, ControlState())
 
 
+def test_an_inference_observation_without_an_event_id_is_applied() -> None:
+    """The first workers wrote inference observations without `event_id`: a control log
+    replayed from its start still applies them."""
+    log = scripted_log(windows=2)
+    old = [{k: v for k, v in o.items() if k != "event_id"} if o["k"] == "inf" else o for o in log]
+    out, malformed = ControlStep(settings()).apply_record(decode(pack(old)[0]), 0, ControlState())
+    assert malformed == 0
+    assert out == run(ControlStep(settings()), log, ControlState())
+
+
 @pytest.mark.parametrize(
     "change",
     [

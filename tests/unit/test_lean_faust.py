@@ -16,8 +16,8 @@ from edgeloop.agents.lean_faust import LeanProducer, RawSchema
 def _message(key: bytes | None, value: bytes | None) -> Message:
     return Message(
         topic="edge.inference.v1", partition=3, offset=41, timestamp=1.0,
-        timestamp_type=0, headers=[], key=key, value=value, checksum=None,
-        tp=TP("edge.inference.v1", 3),
+        timestamp_type=0, headers=[("traceparent", b"00-ab-cd-01")], key=key, value=value,
+        checksum=None, tp=TP("edge.inference.v1", 3),
     )  # fmt: skip
 
 
@@ -42,12 +42,14 @@ async def test_raw_schema_decodes_what_fausts_raw_codec_decodes(
     faust_own = faust.Schema(
         key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    ours = await RawSchema().decode(app, _message(key, value), propagate=True)
+    message = _message(key, value)
+    ours = await RawSchema().decode(app, message, propagate=True)
     theirs = await faust_own.decode(app, _message(key, value), propagate=True)
     assert (ours.key, ours.value) == (theirs.key, theirs.value) == (key, value)
     assert type(ours) is type(theirs)
-    assert ours.headers == theirs.headers
-    assert ours.message.offset == 41
+    assert ours.headers == theirs.headers == {"traceparent": b"00-ab-cd-01"}
+    assert ours.message is message
+    assert ours.app is app
 
 
 async def test_the_lean_producer_buffer_counts_pending_messages_as_fausts_does(app: Any) -> None:
