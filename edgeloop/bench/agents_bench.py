@@ -148,16 +148,21 @@ async def faust_floor(home: Path, bootstrap: str, n: int, *, lean: bool) -> dict
             "events_per_cpu_s": res["records"] / res["cpu_s"] if res["cpu_s"] else 0.0,
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
-def _start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("ab") as sink:
-        return subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a child; killed when it has not exited 30 s later."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _read_json(path: Path) -> Any:
@@ -190,12 +195,9 @@ def _cpu_s(pid: int) -> float:
 
 
 def _start_worker(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "edgeloop", "--log-level", "warning", "agents",
-             "--no-verdicts", "--workers-web-port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    cmd = [sys.executable, "-m", "edgeloop", "--log-level", "warning", "agents",
+           "--no-verdicts", "--workers-web-port", str(port)]  # fmt: skip
+    return _start(cmd, log, env)
 
 
 async def agents_worker(home: Path, n: int, timeout_s: float = 600) -> dict[str, Any]:
@@ -240,11 +242,7 @@ async def agents_worker(home: Path, n: int, timeout_s: float = 600) -> dict[str,
             "duplicates_dropped": dupes,
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 async def _run(quick: bool) -> dict[str, Any]:
