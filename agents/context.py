@@ -11,7 +11,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -92,16 +91,11 @@ class Context:
         log.info("agents ready", extra={"verdicts": s.verdicts})
 
     def _load_teacher(self) -> Teacher:
-        from edgeloop.agents.teacher import TeacherBatcher, load_teacher
+        from edgeloop.agents.teacher import TeacherBatcher, load_teacher, teacher_store
         from edgeloop.artifacts.signing import load_public_key
-        from edgeloop.artifacts.store import DirectoryStore, HttpArtifactStore
 
         s = self.settings
-        store: Any = (
-            HttpArtifactStore(s.store)
-            if s.store.startswith(("http://", "https://"))
-            else DirectoryStore(Path(s.store))
-        )
+        store = teacher_store(s.store)
         key = load_public_key(s.public_key)
         model = load_teacher(store, public_key=key, name=s.teacher_name)
         batcher = TeacherBatcher(

@@ -23,6 +23,7 @@ from edgeloop.schemas import catalog
 from edgeloop.schemas.bounded import DecodeLimits
 from edgeloop.schemas.events import DeviceRecord
 from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.schemas.topics import level_problem
 
 log = get_logger(__name__)
 
@@ -41,11 +42,19 @@ def new_record(
     registered_at: int | None = None,
     decommissioned: bool = False,
 ) -> DeviceRecord:
-    """A DeviceRecord (a fresh event id: each write is a new event about the device)."""
-    if not device_id or any(c in device_id for c in "/+#$") or len(device_id) > 128:
-        raise ConfigError(
-            f"device_id {device_id!r} must be 1-128 characters without '/', '+', '#' or '$'"
-        )
+    """A DeviceRecord (a fresh event id: each write is a new event about the device).
+
+    Raises:
+        ConfigError: `device_id` or `cohort` is empty, over 128 characters, or holds a
+            character an MQTT topic level cannot (schemas.topics.level_problem).
+    """
+    # Both name MQTT topic levels downstream: the bridge publishes to a device's topics
+    # and fans a cohort's releases and thresholds out to its members; a record the
+    # downlink cannot deliver is dead-lettered there, so refuse it here, where it is typed.
+    for name, value in (("device_id", device_id), ("cohort", cohort)):
+        problem = level_problem(value)
+        if problem is not None:
+            raise ConfigError(f"{name} {value!r} {problem}: it cannot be an MQTT topic level")
     now = time.time_ns() // 1000
     return {
         "event_id": str(uuid.uuid4()),
@@ -90,8 +99,10 @@ class FleetClient:
             enable_idempotence=self.kafka.idempotence,
             client_id="edgeloop-fleet",
         )
-        await producer.start()
         try:
+            # Inside the try: a start that fails (broker down) must still close the client,
+            # or aiokafka warns "Unclosed AIOKafkaProducer" at exit.
+            await producer.start()
             await producer.send_and_wait(FLEET_TOPIC, value, key=record["device_id"].encode())
         finally:
             await producer.stop()
@@ -104,9 +115,9 @@ class FleetClient:
             enable_auto_commit=False,
             client_id="edgeloop-fleet",
         )
-        await consumer.start()
         fleet: dict[str, DeviceRecord] = {}
         try:
+            await consumer.start()  # in the try: a failed start still closes the client
             # `partitions_for_topic` reads the client's metadata cache, which after start
             # holds what aiokafka's bootstrap asked for: metadata of an empty topic list.
             # Apache Kafka answers that with no topics (Tansu with all, which hid this),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from edgeloop.core.settings import _Base
+from edgeloop.schemas.topics import level_problem
 
 # The redelivery window the dedupe table must cover, in events per device: a device
 # re-publishes at most its QoS 1 in-flight window after a reconnect (EdgeSettings.
@@ -27,14 +30,17 @@ class AgentsSettings(_Base):
         env_prefix="EDGELOOP_AGENTS_", frozen=True, extra="ignore"
     )
 
-    # Faust app id = consumer group and the prefix of the table changelog topics.
+    # Faust app id = consumer group and the prefix of the table changelog topics, so it
+    # must make legal Kafka topic names: [A-Za-z0-9._-], at most 249 characters with the
+    # longest suffix ("-dedupe-inference-changelog", 27).
     app_id: str = "edgeloop-agents"
     # Partitions of the changelog topics; must equal the source topics' (co-partitioning:
     # a device's fleet record, dedupe state and events live on the same partition number).
     partitions: int = Field(6, ge=1)
     web_host: str = "127.0.0.1"
     # Faust's web server: /metrics (Prometheus) and Faust's own pages (health at /).
-    web_port: int = Field(6066, ge=0, le=65535)
+    # 1..65535: Faust's web server cannot take 0 (an OS-chosen port) and crashed on it.
+    web_port: int = Field(6066, ge=1, le=65535)
     # Faust's data folder (memory tables keep nothing there, Faust still writes to it).
     # The CLI defaults it to $EDGELOOP_HOME/agents.
     data_dir: Path = Path(".edgeloop/agents")
@@ -94,6 +100,38 @@ class AgentsSettings(_Base):
     # Near-duplicate suppression: difference hashes within this many bits are one sample.
     near_duplicates: bool = True
     near_dup_hamming: int = Field(4, ge=0, le=64)
-    # Cohorts the control plane marks as drifting (a hook until it writes a table).
-    drifting_cohorts: frozenset[str] = frozenset()
+    # Cohorts the control plane marks as drifting (a hook until it writes a table). The
+    # variable takes a comma-separated list (`a,b`) or a JSON list (`["a","b"]`).
+    drifting_cohorts: Annotated[frozenset[str], NoDecode] = frozenset()
     retry_backoff_max_s: float = Field(5.0, gt=0)
+
+    @field_validator("app_id")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", value):
+            raise ValueError(
+                "must be 1-200 of the characters A-Z a-z 0-9 . _ - (it prefixes the "
+                "worker's Kafka topic names)"
+            )
+        return value
+
+    @field_validator("drifting_cohorts", mode="before")
+    @classmethod
+    def _cohort_list(cls, value: Any) -> Any:
+        """`a,b` or `["a","b"]` from the environment; each a cohort id (one MQTT topic
+        level, as `edgeloop fleet` accepts)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not a JSON list: {exc}") from None
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
+        if isinstance(value, list | tuple | set | frozenset):
+            for cohort in value:
+                problem = level_problem(cohort)
+                if problem is not None:
+                    raise ValueError(f"cohort {cohort!r} {problem}")
+        return value

@@ -127,6 +127,15 @@ class TeacherModel:
         ]
 
 
+def teacher_store(location: str) -> ArtifactStore:
+    """The artifact store at `location`: an http(s) URL or a directory path."""
+    from edgeloop.artifacts.store import DirectoryStore, HttpArtifactStore
+
+    if location.startswith(("http://", "https://")):
+        return HttpArtifactStore(location)
+    return DirectoryStore(Path(location))
+
+
 def load_teacher(
     store: ArtifactStore,
     *,

@@ -100,9 +100,31 @@ def parse_mqtt_uplink(topic: str) -> tuple[str, UplinkKind]:
         raise ConfigError(f"topic {topic!r}: unknown uplink kind {parts[3]!r} ({kinds})") from None
 
 
+def level_problem(value: object) -> str | None:
+    """Why `value` cannot be one level of an MQTT topic name, or None when it can.
+
+    MQTT 5 section 4.7: `/` separates levels and `+`/`#` are wildcards, never allowed in
+    a topic name; section 1.5.4: a UTF-8 string must not contain U+0000 and should not
+    contain other control characters, and must be valid UTF-8 (no lone surrogates).
+    Beyond the specification, edgeloop ids are non-empty, at most 128 characters and
+    never contain `$` (schemas/topics.py builds the topics with the same rule).
+    """
+    if not isinstance(value, str) or not value:
+        return "is empty"
+    if len(value) > 128:
+        return f"is {len(value)} characters long (at most 128)"
+    bad = sorted({c for c in value if c in "/+#$" or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F})
+    if bad:
+        return "contains " + ", ".join(repr(c) for c in bad)
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
 def _device(device_id: str) -> str:
-    if not device_id or any(c in device_id for c in "/+#$") or len(device_id) > 128:
-        raise ConfigError(
-            f"device_id {device_id!r} must be 1-128 characters without '/', '+', '#' or '$'"
-        )
+    problem = level_problem(device_id)
+    if problem is not None:
+        raise ConfigError(f"device_id {device_id!r} {problem}: it cannot be an MQTT topic level")
     return device_id

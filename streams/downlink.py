@@ -44,7 +44,7 @@ from edgeloop.schemas.catalog import EventSchema
 from edgeloop.schemas.framing import ConfluentCodec, SingleObjectCodec
 from edgeloop.schemas.registry.client import RegistryClient
 from edgeloop.schemas.resolution import to_shipped
-from edgeloop.schemas.topics import DownlinkKind, dlq_topic, mqtt_downlink
+from edgeloop.schemas.topics import DownlinkKind, dlq_topic, level_problem, mqtt_downlink
 from edgeloop.streams.dead_letters import DeadLetters
 from edgeloop.streams.metrics import BridgeMetrics
 from edgeloop.streams.settings import BridgeSettings
@@ -70,29 +70,6 @@ EXPECTED_EVENT = {
 T = TypeVar("T")
 
 Record = dict[str, Any]
-
-
-def level_problem(value: object) -> str | None:
-    """Why `value` cannot be one level of an MQTT topic name, or None when it can.
-
-    MQTT 5 section 4.7: `/` separates levels and `+`/`#` are wildcards, never allowed in
-    a topic name; section 1.5.4: a UTF-8 string must not contain U+0000 and should not
-    contain other control characters, and must be valid UTF-8 (no lone surrogates).
-    Beyond the specification, edgeloop ids are non-empty, at most 128 characters and
-    never contain `$` (schemas/topics.py builds the topics with the same rule).
-    """
-    if not isinstance(value, str) or not value:
-        return "is empty"
-    if len(value) > 128:
-        return f"is {len(value)} characters long (at most 128)"
-    bad = sorted({c for c in value if c in "/+#$" or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F})
-    if bad:
-        return "contains " + ", ".join(repr(c) for c in bad)
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return "is not valid UTF-8"
-    return None
 
 
 class BadTargetError(EdgeloopError):

@@ -307,8 +307,8 @@ async def _run(quick: bool) -> dict[str, Any]:
         "summary": {
             "agents_events_per_s": agents["events_per_s"],
             "share_of_bare": share,
-            "faust_floor_share_of_bare": vs_bare(floors["lean"])["vs_bare"],
-            "share_of_faust_floor": (
+            "lean_faust_floor_share_of_bare": vs_bare(floors["lean"])["vs_bare"],
+            "share_of_lean_faust_floor": (
                 agents["events_per_s"] / floors["lean"]["events_per_s"]
                 if floors["lean"]["events_per_s"]
                 else 0.0

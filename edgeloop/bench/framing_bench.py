@@ -88,6 +88,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     )
     return {
         "name": "framing",
+        "title": "framing (us per call; overheads vs fastavro as fractions)",
         "rows": rows,
         "summary": {
             "worst_overhead_vs_fastavro": worst_overhead,

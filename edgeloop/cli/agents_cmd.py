@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from edgeloop.cli.options import load_settings
 from edgeloop.core.settings import KafkaSettings, RegistrySettings, edgeloop_home
 
 
@@ -60,7 +61,7 @@ def agents(**options: Any) -> None:
 
     home = edgeloop_home()
     overrides = {k: v for k, v in options.items() if v is not None}
-    settings = AgentsSettings.load(**overrides)
+    settings = load_settings(AgentsSettings, **overrides)
     # Paths not set anywhere default to this home's layout (not the working directory's).
     unset = AgentsSettings.model_fields.keys() - settings.model_fields_set
     defaults = {
@@ -69,13 +70,18 @@ def agents(**options: Any) -> None:
         "data_dir": home / "agents",
     }
     settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
-    from edgeloop.cli.fixes import require_kafka_listening
+    from edgeloop.agents.preflight import check_partitions, check_teacher, declared_partitions
+    from edgeloop.cli.fixes import require_kafka_answering
 
     # Every setting is loaded (validated) before any network: a bad EDGELOOP_CONTROL_*
-    # used to be reported only once Kafka answered.
+    # used to be reported only once Kafka answered. Then what would otherwise fail only
+    # inside the running worker (agents/preflight.py): a broker that does not speak
+    # Kafka, topics with another partition count, a teacher that is missing.
     kafka, registry, control = KafkaSettings.load(), RegistrySettings.load(), ControlSettings.load()
-    require_kafka_listening(kafka.bootstrap, home)
+    check_teacher(settings)
+    topics = require_kafka_answering(kafka.bootstrap, home)
     app = make_app(settings, kafka, registry, control=control)
+    check_partitions(declared_partitions(app), topics, settings)
     # uvloop: the worker spends most of its time in the event loop's own machinery
     # (Faust schedules several callbacks per event).
     import uvloop
@@ -109,17 +115,31 @@ def fleet() -> None:
 
 def _run(coro_fn: Any) -> Any:
     from edgeloop.agents.fleet import FleetClient
-    from edgeloop.cli.fixes import reachable
+    from edgeloop.cli.fixes import reachable, require_kafka_answering
     from edgeloop.schemas.registry.client import RegistryClient
 
-    kafka, registry_settings = KafkaSettings.load(), RegistrySettings.load()
+    home = edgeloop_home()
+    kafka, registry_settings = KafkaSettings.load(home), RegistrySettings.load(home)
+    # A port that accepts TCP but is not Kafka made aiokafka wait 40 s before failing.
+    require_kafka_answering(kafka.bootstrap, home)
 
     async def main() -> Any:
         async with RegistryClient.from_settings(registry_settings) as registry:
             return await coro_fn(FleetClient(kafka, registry))
 
-    with reachable(edgeloop_home(), kafka=kafka.bootstrap, registry=True):
+    with reachable(home, kafka=kafka.bootstrap, registry=True):
         return asyncio.run(main())
+
+
+def _topic_level(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A device or cohort id: the bridge publishes to topics named by them, so each must be
+    one MQTT topic level (schemas.topics.level_problem); refused before any network."""
+    from edgeloop.schemas.topics import level_problem
+
+    problem = level_problem(value)
+    if problem is not None:
+        raise click.BadParameter(f"{value!r} {problem}: it cannot be an MQTT topic level")
+    return value
 
 
 def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -133,8 +153,8 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @fleet.command()
-@click.argument("device_id")
-@click.option("--cohort", default="default", show_default=True)
+@click.argument("device_id", callback=_topic_level)
+@click.option("--cohort", default="default", show_default=True, callback=_topic_level)
 @click.option("--hardware", default="raspberrypi5", show_default=True)
 @click.option("--target", default="pi5-cpu", show_default=True)
 @click.option("--site", default="", show_default=True)
@@ -188,8 +208,8 @@ async def _update(client: Any, device_id: str, **changes: Any) -> None:
 
 
 @fleet.command("set-cohort")
-@click.argument("device_id")
-@click.argument("cohort")
+@click.argument("device_id", callback=_topic_level)
+@click.argument("cohort", callback=_topic_level)
 def set_cohort(device_id: str, cohort: str) -> None:
     """Move DEVICE_ID to COHORT."""
     _run(lambda client: _update(client, device_id, cohort=cohort))

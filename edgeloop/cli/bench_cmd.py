@@ -67,7 +67,8 @@ def bench(suites: tuple[str, ...], out: Path, quick: bool, kafka: str) -> None:
             columns = result.get("columns") or list(result["rows"][0])
             labels = result.get("labels", {})
             print_table(
-                f"{suite} (us per call unless named)",
+                # Columns name their units; a suite whose do not says it in its title.
+                result.get("title", suite),
                 [labels.get(c, c) for c in columns],
                 [[row[c] for c in columns] for row in result["rows"]],
             )

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from edgeloop.cli.fixes import reachable
+from edgeloop.cli.options import load_settings
 from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings, edgeloop_home
 from edgeloop.streams.settings import BridgeSettings
 
@@ -71,7 +72,7 @@ def bridge(**options: Any) -> None:
     from edgeloop.streams.bridge import run_bridge
 
     overrides = {k: v for k, v in options.items() if v is not None}
-    settings = BridgeSettings.load(**overrides)
+    settings = load_settings(BridgeSettings, **overrides)
     home = edgeloop_home()
     mqtt, kafka = MqttSettings.load(home), KafkaSettings.load(home)
     with reachable(home, kafka=kafka.bootstrap, mqtt=(mqtt.host, mqtt.port), registry=True):

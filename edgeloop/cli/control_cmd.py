@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from edgeloop.cli.options import load_settings
 from edgeloop.core.settings import KafkaSettings, RegistrySettings, edgeloop_home
 
 APP_ID_HELP = (
@@ -26,7 +27,7 @@ def agents_app_id(app_id: str | None) -> str:
     from edgeloop.agents.settings import AgentsSettings
 
     overrides = {} if app_id is None else {"app_id": app_id}
-    return str(AgentsSettings.load(**overrides).app_id)
+    return str(load_settings(AgentsSettings, **overrides).app_id)
 
 
 class CapacityValue(click.ParamType):

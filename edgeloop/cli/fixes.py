@@ -9,6 +9,7 @@ line, without a traceback.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,6 +84,68 @@ def require_kafka_listening(bootstrap: str, home: Path, *, timeout_s: float = 2.
     raise EndpointUnreachableError(
         f"Kafka at {bootstrap} is not reachable; {start_hint(home, 'EDGELOOP_KAFKA_BOOTSTRAP')}"
     )
+
+
+def require_kafka_answering(
+    bootstrap: str, home: Path, *, timeout_s: float = 10.0
+) -> dict[str, int]:
+    """Fail before start-up unless a bootstrap server answers a Kafka metadata request.
+
+    A TCP check alone passes a port where something else listens (a registry, an MQTT
+    broker): aiokafka then waits its request timeout (40 s) per attempt, and the Faust
+    worker sat silent. Metadata of all topics creates none.
+
+    Args:
+        bootstrap: host:port[,host:port...].
+        home: $EDGELOOP_HOME.
+        timeout_s: how long the connection and the answer may take, in seconds.
+
+    Returns:
+        Every topic of the cluster -> its partition count.
+
+    Raises:
+        EndpointUnreachableError: no server accepted a connection, or none answered
+            within `timeout_s` (the message says which).
+    """
+    import asyncio
+
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import KafkaError
+
+    require_kafka_listening(bootstrap, home, timeout_s=min(timeout_s, 2.0))
+
+    async def metadata() -> dict[str, int]:
+        client = AIOKafkaClient(
+            bootstrap_servers=bootstrap,
+            request_timeout_ms=int(timeout_s * 1000),
+            client_id="edgeloop-preflight",
+        )
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.bootstrap()
+                cluster = await client.fetch_all_metadata()
+        finally:
+            await client.close()
+        return {t: len(cluster.partitions_for_topic(t) or ()) for t in cluster.topics()}
+
+    # aiokafka logs each failed attempt at ERROR; the one line below says it all.
+    aiokafka_log = logging.getLogger("aiokafka")
+    level = aiokafka_log.level
+    aiokafka_log.setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(metadata())
+    except TimeoutError as exc:
+        what = f"gave no Kafka metadata answer within {timeout_s:g} s"
+        cause: BaseException = exc
+    except (KafkaError, OSError) as exc:
+        what = f"did not answer a Kafka metadata request ({type(exc).__name__})"
+        cause = exc
+    finally:
+        aiokafka_log.setLevel(level)
+    raise EndpointUnreachableError(
+        f"Kafka at {bootstrap} accepted a connection but {what}: is it a Kafka broker? "
+        f"{start_hint(home, 'EDGELOOP_KAFKA_BOOTSTRAP')}"
+    ) from cause
 
 
 def _chain(exc: BaseException, seen: set[int] | None = None) -> Iterator[BaseException]:

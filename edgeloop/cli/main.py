@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 from pydantic import ValidationError
@@ -12,6 +13,7 @@ from edgeloop import __version__
 from edgeloop.cli.lazy import LazyGroup
 from edgeloop.core.errors import EdgeloopError
 from edgeloop.core.logs import setup_logging
+from edgeloop.core.settings import variable_for
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "infra": (
@@ -98,7 +100,12 @@ def main() -> None:
         click.secho(f"error: invalid settings ({exc.title}):", fg="red", err=True)
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            click.secho(f"  {field}: {err['msg']} (got {err.get('input')!r})", fg="red", err=True)
+            # The variable the user sets (or infra.env holds), then the field it fills.
+            variable = variable_for(exc.title, err["loc"])
+            where = f"{variable} ({field})" if variable else field
+            click.secho(
+                f"  {where}: {_message(err)} (got {err.get('input')!r})", fg="red", err=True
+            )
         sys.exit(1)
     except SettingsError as exc:
         # A nested setting's value that is not JSON (EDGELOOP_CONTROL_JUDGE__WAVE_SHARES=
@@ -106,3 +113,8 @@ def main() -> None:
         click.secho(f"error: invalid settings: {exc}", fg="red", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _message(err: Any) -> str:
+    """pydantic's message without the "Value error, " it puts before a validator's own."""
+    return str(err["msg"]).removeprefix("Value error, ")

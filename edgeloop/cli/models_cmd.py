@@ -19,6 +19,7 @@ from edgeloop.artifacts.signing import (
 )
 from edgeloop.artifacts.verify import verify_artifact
 from edgeloop.cli.fixes import reachable, require_key
+from edgeloop.cli.options import load_settings
 from edgeloop.core.errors import ConfigError
 from edgeloop.core.settings import edgeloop_home
 
@@ -233,7 +234,7 @@ def release(
     overrides: dict[str, Any] = {}
     if artifact_base_url is not None:
         overrides["artifact_base_url"] = artifact_base_url
-    settings = TrainerServeSettings.load(**overrides)
+    settings = load_settings(TrainerServeSettings, **overrides)
     home = TrainerHome(out or settings.home or edgeloop_home() / "trainer")
     keys = settings.keys_dir or edgeloop_home() / "keys"
     pubkey = load_public_key(require_key(keys / PUBLIC_KEY_NAME, "set EDGELOOP_TRAINER_KEYS_DIR"))

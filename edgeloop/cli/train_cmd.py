@@ -15,6 +15,7 @@ from edgeloop.artifacts.signing import (
     load_public_key,
 )
 from edgeloop.cli.fixes import reachable, require_key
+from edgeloop.cli.options import load_settings
 from edgeloop.core.errors import ConfigError
 from edgeloop.core.settings import edgeloop_home
 
@@ -168,7 +169,7 @@ def serve(**options: Any) -> None:
     overrides = {k: v for k, v in options.items() if v is not None}
     if "out" in overrides:
         overrides["home"] = overrides.pop("out")
-    settings = TrainerServeSettings.load(**overrides)
+    settings = load_settings(TrainerServeSettings, **overrides)
     home = settings.home or _home(None)
     keys = settings.keys_dir or edgeloop_home() / "keys"
     for name in (PRIVATE_KEY_NAME, PUBLIC_KEY_NAME):

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -141,6 +142,40 @@ class _Base(BaseSettings):
         return cls(_env_file=env_file if env_file.exists() else None, **overrides)
 
 
+def variable_for(model_name: str, loc: tuple[int | str, ...]) -> str | None:
+    """The environment variable that sets field `loc` of the settings model named
+    `model_name` (a `ValidationError`'s `title` and an error's `loc`), or None when no
+    such model or field exists.
+
+    Example: ("AgentsSettings", ("web_port",)) -> "EDGELOOP_AGENTS_WEB_PORT";
+    ("ControlSettings", ("judge", "wave_shares", 1)) -> "EDGELOOP_CONTROL_JUDGE__WAVE_SHARES".
+    """
+    pending: list[type[_Base]] = [_Base]
+    while pending:
+        model = pending.pop()
+        pending.extend(model.__subclasses__())
+        if model.__name__ != model_name or not loc:
+            continue
+        info = model.model_fields.get(str(loc[0]))
+        if info is None:
+            return None
+        if isinstance(info.validation_alias, str):
+            return info.validation_alias.upper()
+        prefix = model.model_config.get("env_prefix", "")
+        delimiter = model.model_config.get("env_nested_delimiter") or ""
+        name = f"{prefix}{loc[0]}"
+        sub: Any = info.annotation
+        for part in loc[1:]:
+            if not (delimiter and isinstance(sub, type) and issubclass(sub, BaseModel)):
+                break
+            field = sub.model_fields.get(str(part))
+            if field is None:
+                break
+            name, sub = f"{name}{delimiter}{part}", field.annotation
+        return name.upper()
+    return None
+
+
 class KafkaSettings(_Base):
     model_config: ClassVar[SettingsConfigDict] = SettingsConfigDict(
         env_prefix="EDGELOOP_KAFKA_", frozen=True, extra="ignore"
@@ -156,10 +191,16 @@ class KafkaSettings(_Base):
     def _host_ports(cls, value: str) -> str:
         """Each comma-separated entry is host:port with a port in 1..65535 (a malformed
         address otherwise surfaces as a traceback deep inside the Kafka client)."""
+        several = "," in value
         for entry in value.split(","):
             host, sep, port = entry.strip().rpartition(":")
-            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-                raise ValueError(f"expected host:port[,host:port...], got entry {entry!r}")
+            # The whole value is printed beside the message: name the entry only when
+            # there are several to tell apart.
+            where = f" in entry {entry!r}" if several else ""
+            if not (sep and host and port.isdigit()):
+                raise ValueError(f"expected host:port[,host:port...]{where}")
+            if not 0 < int(port) < 65536:
+                raise ValueError(f"port {int(port)}{where} is outside 1..65535")
         return value
 
 
@@ -171,7 +212,23 @@ class RegistrySettings(_Base):
     url: str = "http://127.0.0.1:8081"
     username: str | None = None
     password: SecretStr | None = None
-    timeout_s: float = 10.0
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        """An http(s) URL with a host (and a port in 1..65535 if it names one): anything
+        else used to fail only at the first request, as a connection error."""
+        try:
+            parts = urlsplit(value)
+            port = parts.port  # raises ValueError when out of range or not a number
+        except ValueError as exc:
+            raise ValueError(f"not a usable URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected http://host[:port][/path] or https://...")
+        if port == 0:
+            raise ValueError("port 0 is not a server's port")
+        return value
 
 
 class MqttSettings(_Base):

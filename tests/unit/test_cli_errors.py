@@ -9,8 +9,11 @@ infra up`, ...), the host:port or path at fault, and no Python traceback.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -142,9 +145,9 @@ def test_bridge_with_mqtt_not_reachable_names_the_broker_and_infra_up(
     assert "`edgeloop infra up`" in line, line
 
 
-@pytest.mark.parametrize(
-    "args", [("schemas", "check"), ("fleet", "register", "pi-1")], ids=" ".join
-)
+# `fleet` commands check Kafka first now (a metadata request before any work), so with
+# both down they name Kafka (test_fleet_commands_with_kafka_down_...).
+@pytest.mark.parametrize("args", [("schemas", "check")], ids=" ".join)
 def test_registry_not_reachable_names_infra_up(
     tmp_path: Path, port: int, args: tuple[str, ...]
 ) -> None:
@@ -257,7 +260,8 @@ def test_a_setting_that_does_not_validate_names_the_field_and_the_value(
     result = _edgeloop(tmp_path / "home", port, "control", "status", **{variable: value})
     line = _error_line(result)
     assert "invalid settings" in line
-    assert f"{field}:" in result.stderr and repr(value) in result.stderr
+    # The variable the user set comes first, then the field it fills.
+    assert f"  {variable} ({field}):" in result.stderr and repr(value) in result.stderr
 
 
 def test_a_control_command_with_kafka_down_leaves_no_unclosed_client(
@@ -309,7 +313,8 @@ def test_a_bad_control_setting_fails_before_any_network(
     result = _edgeloop(tmp_path / "home", port, *args, **{variable: value})
     line = _error_line(result)
     assert "invalid settings" in line, line
-    assert f"  {field}:" in result.stderr and repr(value) in result.stderr, result.stderr
+    assert f"  {variable} ({field}):" in result.stderr, result.stderr
+    assert repr(value) in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("args", CONTROL_COMMANDS, ids=" ".join)
@@ -331,3 +336,123 @@ def test_a_nested_setting_that_is_not_json_is_one_error_line(tmp_path: Path, por
     )  # fmt: skip
     line = _error_line(result)
     assert "invalid settings" in line and '"judge"' in line, line
+
+
+# ---- `edgeloop agents` and `edgeloop fleet`: what a newcomer met next ----------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (("agents", "--workers-web-port", "0"), "'--workers-web-port'"),
+        (("agents", "--workers-web-port", "70000"), "'--workers-web-port'"),
+        (("agents", "--app-id", "my agents"), "'--app-id'"),
+        (("agents", "--app-id", "a/b"), "'--app-id'"),
+        (("fleet", "register", "pi-1", "--cohort", ""), "'--cohort'"),
+        (("fleet", "register", "pi/1"), "'DEVICE_ID'"),
+        (("fleet", "set-cohort", "pi-1", ""), "'COHORT'"),
+        (("fleet", "set-cohort", "pi-1", "a+b"), "'COHORT'"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, tuple) else None,
+)
+def test_a_bad_option_value_names_the_option_before_any_network(
+    tmp_path: Path, port: int, args: tuple[str, ...], option: str
+) -> None:
+    """Port 0 passed our settings and crashed Faust's web server after start-up; an app id
+    with a space made illegal topic names; an empty cohort was written to the fleet (the
+    bridge then dead-letters every release and threshold for it). Kafka is down here:
+    each must be refused as a usage error naming the option, not as a broker error."""
+    result = _edgeloop(tmp_path, port, *args)
+    assert result.returncode == 2, result.stderr
+    assert f"Invalid value for {option}" in result.stderr, result.stderr
+    assert repr(args[-1]) in result.stderr or f"(got {args[-1]})" in result.stderr
+    assert "Traceback" not in result.stderr and "not reachable" not in result.stderr
+
+
+def test_a_bad_web_port_variable_names_the_variable(tmp_path: Path, port: int) -> None:
+    result = _edgeloop(tmp_path, port, "agents", EDGELOOP_AGENTS_WEB_PORT="0")
+    assert "invalid settings" in _error_line(result)
+    assert "EDGELOOP_AGENTS_WEB_PORT (web_port): " in result.stderr, result.stderr
+
+
+def test_agents_without_a_release_key_name_keys_init_and_no_verdicts(
+    tmp_path: Path, port: int
+) -> None:
+    """Verdicts are on by default; the missing key used to crash a start-up task after the
+    worker had joined Kafka, with no hint. Kafka is down here: the key is named first."""
+    line = _error_line(_edgeloop(tmp_path, port, "agents"))
+    assert str(tmp_path / "keys" / "release.pub") in line, line
+    assert "`edgeloop keys init`" in line and "--no-verdicts" in line, line
+
+
+def test_agents_with_no_teacher_in_the_store_name_models_bootstrap(
+    tmp_path: Path, port: int
+) -> None:
+    generate_keypair(tmp_path / "keys")
+    line = _error_line(_edgeloop(tmp_path, port, "agents"))
+    assert "no release of digits-teacher" in line, line
+    assert str(tmp_path / "trainer" / "store") in line, line
+    assert "`edgeloop models bootstrap`" in line and "--no-verdicts" in line, line
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A loopback port that accepts TCP connections and never answers (not Kafka)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield int(server.getsockname()[1])
+
+
+@pytest.mark.parametrize("args", [("fleet", "list"), ("agents", "--no-verdicts")], ids=" ".join)
+def test_a_port_that_is_not_kafka_is_named_within_seconds(
+    tmp_path: Path, silent_server: int, args: tuple[str, ...]
+) -> None:
+    """`edgeloop agents` hung without a word on such a port; `fleet list` failed after
+    aiokafka's 40 s request timeout. Now: a metadata request with a 10 s limit."""
+    started = time.monotonic()
+    line = _error_line(_edgeloop(tmp_path, silent_server, *args))
+    assert f"Kafka at 127.0.0.1:{silent_server} accepted a connection" in line, line
+    assert "is it a Kafka broker?" in line, line
+    assert time.monotonic() - started < 35  # aiokafka's own timeout alone is 40 s
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("fleet", "list"), ("fleet", "register", "pi-1"), ("fleet", "decommission", "pi-1")],
+    ids=" ".join,
+)
+def test_fleet_commands_with_kafka_down_name_it_and_leave_no_unclosed_client(
+    tmp_path: Path, port: int, args: tuple[str, ...]
+) -> None:
+    result = _edgeloop(tmp_path, port, *args)
+    assert f"Kafka at 127.0.0.1:{port} is not reachable" in _error_line(result)
+    assert "Unclosed" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        # The port was reported without saying what was wrong with it.
+        ("EDGELOOP_KAFKA_BOOTSTRAP", "127.0.0.1:70000", "port 70000 is outside 1..65535"),
+        (
+            "EDGELOOP_KAFKA_BOOTSTRAP",
+            "127.0.0.1:9092,k2:0",
+            "port 0 in entry 'k2:0' is outside 1..65535",
+        ),
+        # Accepted, and every registry call failed later as a connection error.
+        ("EDGELOOP_REGISTRY_URL", "127.0.0.1:8081", "expected http://host[:port]"),
+        ("EDGELOOP_REGISTRY_URL", "http://:8081", "expected http://host[:port]"),
+        ("EDGELOOP_REGISTRY_URL", "http://127.0.0.1:99999", "not a usable URL"),
+        ("EDGELOOP_AGENTS_DRIFTING_COHORTS", '["a",', "not a JSON list"),
+        ("EDGELOOP_AGENTS_DRIFTING_COHORTS", "a,b/c", "cohort 'b/c' contains '/'"),
+    ],
+)
+def test_an_endpoint_or_list_setting_says_what_is_wrong_once(
+    tmp_path: Path, port: int, variable: str, value: str, message: str
+) -> None:
+    result = _edgeloop(tmp_path, port, "agents", "--no-verdicts", **{variable: value})
+    assert "invalid settings" in _error_line(result)
+    lines = [line for line in result.stderr.splitlines() if variable in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert lines[0].count(value) == 1, lines[0]  # the value shown once, not twice

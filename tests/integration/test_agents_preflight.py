@@ -1,0 +1,65 @@
+"""`edgeloop agents` on a real broker refuses topics of another partition count.
+
+docs/deploy.md has operators run `edgeloop topics create --partitions 12`; a worker left
+on the default EDGELOOP_AGENTS_PARTITIONS=6 used to start without a word and create its
+changelogs with 6 partitions, so a device's events and its table state no longer shared
+a partition number. Each flavour gets a broker of its own: the shared one's topics keep
+the count every other test expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from edgeloop.infra.kafka import KafkaBroker
+
+pytestmark = pytest.mark.integration
+
+
+async def _edgeloop(home: Path, bootstrap: str, *args: str, **env: str) -> tuple[int, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_")}
+    environ.update(EDGELOOP_HOME=str(home), EDGELOOP_KAFKA_BOOTSTRAP=bootstrap, **env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeloop", "--log-level", "error", *args,
+        env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return int(proc.returncode or 0), err.decode()
+
+
+async def test_a_worker_on_another_partition_count_than_the_topics_does_not_start(
+    kafka_factory: Callable[[str], Awaitable[KafkaBroker]], kafka_flavor: str, tmp_path: Path
+) -> None:
+    broker = await kafka_factory(kafka_flavor)
+    code, err = await _edgeloop(
+        tmp_path, broker.bootstrap, "topics", "create", "--partitions", "12"
+    )
+    assert code == 0, err
+    code, err = await _edgeloop(tmp_path, broker.bootstrap, "agents", "--no-verdicts")
+    assert code == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert "EDGELOOP_AGENTS_PARTITIONS is 6" in errors[0], errors[0]
+    assert "edge.inference.v1 has 12 (expected 6)" in errors[0], errors[0]
+    assert "set EDGELOOP_AGENTS_PARTITIONS=12" in errors[0], errors[0]
+    # Refused before Faust created anything: no changelog of the wrong count exists.
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        topics = await admin.list_topics()
+    finally:
+        await admin.close()
+    assert not [t for t in topics if t.startswith("edgeloop-agents-")], topics
