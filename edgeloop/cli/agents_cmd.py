@@ -50,8 +50,13 @@ def agents(**options: Any) -> None:
     split the partitions; a stopped or killed worker's partitions and table state move to
     the others.
 
+    Before it joins Kafka the worker checks what it needs: the release key and a teacher
+    in the store (verdicts on), a Kafka broker that answers, and topics whose partition
+    count equals EDGELOOP_AGENTS_PARTITIONS (default 6; `edgeloop topics create
+    --partitions N` needs the same N here).
+
     Endpoints come from $EDGELOOP_HOME/infra.env and EDGELOOP_* variables; every setting
-    also reads EDGELOOP_AGENTS_<NAME>.
+    also reads EDGELOOP_AGENTS_<NAME>, one per field of agents/settings.py.
     """
     import faust
 
