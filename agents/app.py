@@ -305,6 +305,7 @@ def _faust_app_with_settings(s: AgentsSettings, kafka: KafkaSettings) -> Any:
         stream_buffer_maxsize=s.stream_buffer_maxsize,
         broker_max_poll_records=s.max_poll_records,
         broker_session_timeout=s.session_timeout_s,
+        consumer_metadata_max_age_ms=int(s.metadata_max_age_s * 1000),
         broker_heartbeat_interval=s.heartbeat_interval_s,
         producer_linger_ms=s.producer_linger_ms,
         producer_max_batch_size=s.producer_max_batch_bytes,

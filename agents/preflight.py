@@ -42,6 +42,48 @@ def declared_partitions(app: Any) -> dict[str, int]:
     return declared
 
 
+def source_topics(app: Any) -> set[str]:
+    """Every topic `app`'s agents read that the app does not create itself (its internal
+    topics, named `<app_id>-...`, Faust creates at start).
+
+    Args:
+        app: a `faust.App` whose agents are declared.
+
+    Returns:
+        Topic names.
+    """
+    prefix = f"{app.conf.id}-"
+    names: set[str] = set()
+    for agent in app.agents.values():
+        names.update(n for n in getattr(agent.channel, "topics", ()) if not n.startswith(prefix))
+    return names
+
+
+def check_sources_exist(sources: set[str], existing: Mapping[str, int], partitions: int) -> None:
+    """Refuse to start before the topics the worker reads exist.
+
+    A consumer that subscribes to a missing topic has the broker auto-create it (both
+    embedded brokers allow it, as Kafka does by default) with the broker's partition
+    count, not the worker's: the co-partitioning `check_partitions` protects would be
+    broken from the first event, with no error anywhere.
+
+    Args:
+        sources: `source_topics(app)`.
+        existing: topic name -> partitions, from the cluster's metadata.
+        partitions: the worker's `EDGELOOP_AGENTS_PARTITIONS`, for the fix.
+
+    Raises:
+        ConfigError: naming the missing topics and `edgeloop topics create`.
+    """
+    missing = sorted(sources - existing.keys())
+    if missing:
+        raise ConfigError(
+            f"the topics the agents read do not exist yet: {', '.join(missing)}; create "
+            f"them first with `edgeloop topics create --partitions {partitions}` (a topic "
+            f"the broker auto-creates gets its default partition count, not the worker's)"
+        )
+
+
 def check_partitions(
     declared: Mapping[str, int], existing: Mapping[str, int], settings: AgentsSettings
 ) -> None:

@@ -57,6 +57,12 @@ class AgentsSettings(_Base):
     # Faust's stream buffer per topic partition and aiokafka's records per poll.
     stream_buffer_maxsize: int = Field(16_384, ge=64)
     max_poll_records: int = Field(1000, ge=1)
+    # How often the consumer refreshes its metadata. The group leader rebalances when a
+    # subscribed topic's partitions change in it, and Faust's assignor skips a topic the
+    # leader's metadata lists without partitions: on Apache Kafka a topic Faust created
+    # a moment before (the control log) can be listed so while its leader is elected. At
+    # aiokafka's default (5 min) the control plane then stayed off for minutes.
+    metadata_max_age_s: float = Field(10.0, gt=0)
     # A killed worker's partitions move to the others once its group session times out.
     session_timeout_s: float = Field(10.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0)

@@ -51,9 +51,9 @@ def agents(**options: Any) -> None:
     the others.
 
     Before it joins Kafka the worker checks what it needs: the release key and a teacher
-    in the store (verdicts on), a Kafka broker that answers, and topics whose partition
-    count equals EDGELOOP_AGENTS_PARTITIONS (default 6; `edgeloop topics create
-    --partitions N` needs the same N here).
+    in the store (verdicts on), a Kafka broker that answers, and the topics it reads,
+    created by `edgeloop topics create --partitions N` with N equal to
+    EDGELOOP_AGENTS_PARTITIONS (default 6).
 
     Endpoints come from $EDGELOOP_HOME/infra.env and EDGELOOP_* variables; every setting
     also reads EDGELOOP_AGENTS_<NAME>, one per field of agents/settings.py.
@@ -75,7 +75,13 @@ def agents(**options: Any) -> None:
         "data_dir": home / "agents",
     }
     settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
-    from edgeloop.agents.preflight import check_partitions, check_teacher, declared_partitions
+    from edgeloop.agents.preflight import (
+        check_partitions,
+        check_sources_exist,
+        check_teacher,
+        declared_partitions,
+        source_topics,
+    )
     from edgeloop.cli.fixes import require_kafka_answering
 
     # Every setting is loaded (validated) before any network: a bad EDGELOOP_CONTROL_*
@@ -86,6 +92,7 @@ def agents(**options: Any) -> None:
     check_teacher(settings)
     topics = require_kafka_answering(kafka.bootstrap, home)
     app = make_app(settings, kafka, registry, control=control)
+    check_sources_exist(source_topics(app), topics, settings.partitions)
     check_partitions(declared_partitions(app), topics, settings)
     # uvloop: the worker spends most of its time in the event loop's own machinery
     # (Faust schedules several callbacks per event).

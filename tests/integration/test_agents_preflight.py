@@ -54,12 +54,31 @@ async def test_a_worker_on_another_partition_count_than_the_topics_does_not_star
     assert "edge.inference.v1 has 12 (expected 6)" in errors[0], errors[0]
     assert "set EDGELOOP_AGENTS_PARTITIONS=12" in errors[0], errors[0]
     # Refused before Faust created anything: no changelog of the wrong count exists.
+    assert not await _topics(broker.bootstrap, "edgeloop-agents-")
+
+
+async def test_a_worker_started_before_its_topics_exist_names_topics_create(
+    kafka_factory: Callable[[str], Awaitable[KafkaBroker]], kafka_flavor: str, tmp_path: Path
+) -> None:
+    """It used to start, and its consumer's subscription had the broker auto-create the
+    source topics with the broker's partition count (Tansu 4, our Apache Kafka 1), not
+    the worker's 6: events and table state on different partition numbers from then on."""
+    broker = await kafka_factory(kafka_flavor)
+    code, err = await _edgeloop(tmp_path, broker.bootstrap, "agents", "--no-verdicts")
+    assert code == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert "do not exist yet" in errors[0] and "edge.inference.v1" in errors[0], errors[0]
+    assert "`edgeloop topics create --partitions 6`" in errors[0], errors[0]
+    assert not await _topics(broker.bootstrap, "edge."), "the worker created a source topic"
+
+
+async def _topics(bootstrap: str, prefix: str) -> list[str]:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        topics = await admin.list_topics()
+        return [t for t in await admin.list_topics() if t.startswith(prefix)]
     finally:
         await admin.close()
-    assert not [t for t in topics if t.startswith("edgeloop-agents-")], topics

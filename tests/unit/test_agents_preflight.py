@@ -9,7 +9,12 @@ import pytest
 from pydantic import ValidationError
 
 from edgeloop.agents.app import make_app
-from edgeloop.agents.preflight import check_partitions, declared_partitions
+from edgeloop.agents.preflight import (
+    check_partitions,
+    check_sources_exist,
+    declared_partitions,
+    source_topics,
+)
 from edgeloop.agents.settings import AgentsSettings
 from edgeloop.core.errors import ConfigError
 from edgeloop.core.settings import KafkaSettings, RegistrySettings, variable_for
@@ -103,3 +108,20 @@ def test_a_settings_error_is_mapped_to_the_variable_the_user_sets() -> None:
     assert variable_for("MqttSettings", ("pki_dir",)) == "EDGELOOP_PKI_DIR"
     assert variable_for("AgentsSettings", ("no_such_field",)) is None
     assert variable_for("NoSuchSettings", ("x",)) is None
+
+
+def test_a_worker_whose_sources_are_missing_is_refused_naming_topics_create(
+    tmp_path: Path,
+) -> None:
+    s = AgentsSettings(data_dir=tmp_path, verdicts=False, app_id="w2")
+    app = make_app(s, KafkaSettings(), RegistrySettings())
+    sources = source_topics(app)
+    # What the agents read, the control plane's inputs included; never its own topics.
+    assert {"edge.inference.v1", "fleet.devices.v1", "cloud.verdicts.v1"} <= sources
+    assert not [t for t in sources if t.startswith("w2-")], sources
+    check_sources_exist(sources, dict.fromkeys(sources, 6), 6)
+    with pytest.raises(ConfigError) as caught:
+        check_sources_exist(sources, dict.fromkeys(sources - {"fleet.devices.v1"}, 6), 12)
+    message = str(caught.value)
+    assert "do not exist yet: fleet.devices.v1;" in message, message
+    assert "`edgeloop topics create --partitions 12`" in message, message
