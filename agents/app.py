@@ -300,6 +300,9 @@ def _faust_app_with_settings(s: AgentsSettings, kafka: KafkaSettings) -> Any:
         topic_partitions=s.partitions,
         topic_disable_leader=True,
         datadir=str(s.data_dir),
+        # `web_bind` is the address the server listens on (Faust's default: every
+        # interface); `web_host` only the name it advertises to other workers.
+        web_bind=s.web_host,
         web_host=s.web_host,
         web_port=s.web_port,
         stream_buffer_maxsize=s.stream_buffer_maxsize,

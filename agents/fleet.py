@@ -103,6 +103,15 @@ class FleetClient:
             # Inside the try: a start that fails (broker down) must still close the client,
             # or aiokafka warns "Unclosed AIOKafkaProducer" at exit.
             await producer.start()
+            # A send to a missing topic has the broker auto-create it with its defaults:
+            # one partition or a few, and `delete`, where the fleet topic is compacted and
+            # co-partitioned with the agents' inputs. Metadata of all topics creates none.
+            cluster = await producer.client.fetch_all_metadata()
+            if FLEET_TOPIC not in cluster.topics():
+                raise ConfigError(
+                    f"topic {FLEET_TOPIC} does not exist: create the topics first with "
+                    f"`edgeloop topics create --partitions N` (N = EDGELOOP_AGENTS_PARTITIONS)"
+                )
             await producer.send_and_wait(FLEET_TOPIC, value, key=record["device_id"].encode())
         finally:
             await producer.stop()

@@ -9,6 +9,7 @@ first, with one line that names the setting, the value and the fix.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from edgeloop.agents.settings import AgentsSettings
 from edgeloop.artifacts.errors import ArtifactError, ArtifactNotFoundError
 from edgeloop.core.errors import ConfigError
+from edgeloop.core.folders import write_problem
 
 
 def declared_partitions(app: Any) -> dict[str, int]:
@@ -112,11 +114,22 @@ def check_partitions(
 
     if sources:
         counts = set(sources.values())
-        fix = (
-            f"set EDGELOOP_AGENTS_PARTITIONS={counts.pop()} to match them"
-            if len(counts) == 1
-            else "give the topics one partition count and set EDGELOOP_AGENTS_PARTITIONS to it"
-        )
+        agreeing = [
+            n for n, want in declared.items()
+            if not n.startswith(internal_prefix) and existing.get(n) == want
+        ]  # fmt: skip
+        if agreeing:
+            # Others already have the worker's count: the odd ones out are the mistake
+            # (e.g. auto-created by a client that ran before `topics create`).
+            fix = (
+                f"the other topics it reads have {settings.partitions}, so re-create "
+                f"{', '.join(sources)} with {settings.partitions} partitions (deleting a "
+                f"topic deletes its records)"
+            )
+        elif len(counts) == 1:
+            fix = f"set EDGELOOP_AGENTS_PARTITIONS={counts.pop()} to match them"
+        else:
+            fix = "give the topics one partition count and set EDGELOOP_AGENTS_PARTITIONS to it"
         raise ConfigError(
             f"EDGELOOP_AGENTS_PARTITIONS is {settings.partitions}, but topics exist with "
             f"another partition count: {listed(sources)}. The agents keep a device's "
@@ -129,6 +142,40 @@ def check_partitions(
             f"partition count: {listed(internal)}. Use the count they were created with "
             f"(EDGELOOP_AGENTS_PARTITIONS), or a new --app-id (a new consumer group, which "
             f"reads the source topics from their start again)"
+        )
+
+
+def check_local(settings: AgentsSettings) -> None:
+    """The worker's web port is free and its data folder is usable, checked on this host.
+
+    Faust reports either one as a traceback (an `OSError` from aiohttp's bind, a
+    `FileNotFoundError` without the path) after the worker has started.
+
+    Args:
+        settings: `web_host`, `web_port` and `data_dir` are read; `data_dir` is created
+            when missing.
+
+    Raises:
+        ConfigError: naming the address or the folder, the option, and the error.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in settings.web_host else socket.AF_INET) as sock:
+        # As aiohttp binds on Unix: a port in TIME_WAIT is free to take.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.web_host, settings.web_port))
+        except OSError as exc:
+            raise ConfigError(
+                f"the worker's web server cannot listen on {settings.web_host}:"
+                f"{settings.web_port}: {exc.strerror or exc}; pass another "
+                f"--workers-web-port (each worker on a host needs its own) or set "
+                f"EDGELOOP_AGENTS_WEB_HOST"
+            ) from exc
+    data_dir = Path(settings.data_dir)
+    problem = write_problem(data_dir)
+    if problem is not None:
+        raise ConfigError(
+            f"the worker's data folder {data_dir} is not usable: {problem}; "
+            f"pass another --data-dir (EDGELOOP_AGENTS_DATA_DIR)"
         )
 
 

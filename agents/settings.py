@@ -37,6 +37,7 @@ class AgentsSettings(_Base):
     # Partitions of the changelog topics; must equal the source topics' (co-partitioning:
     # a device's fleet record, dedupe state and events live on the same partition number).
     partitions: int = Field(6, ge=1)
+    # The address the worker's web server listens on (and names itself by).
     web_host: str = "127.0.0.1"
     # Faust's web server: /metrics (Prometheus) and Faust's own pages (health at /).
     # 1..65535: Faust's web server cannot take 0 (an OS-chosen port) and crashed on it.
@@ -133,6 +134,8 @@ class AgentsSettings(_Base):
                     value = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"not a JSON list: {exc}") from None
+            elif text.startswith(("{", '"')):
+                raise ValueError('expected a comma-separated list (a,b) or a JSON list (["a","b"])')
             else:
                 value = [part.strip() for part in text.split(",") if part.strip()]
         if isinstance(value, list | tuple | set | frozenset):

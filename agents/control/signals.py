@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from edgeloop.agents.control.histograms import (
@@ -265,6 +265,9 @@ class WindowAcc:
         return self.events + self.verdicts + self.statuses + self.lag_n
 
 
+_WINDOW_FIELDS = tuple(f.name for f in fields(WindowAcc))
+
+
 @dataclass(slots=True)
 class SignalState:
     """One aggregator's state (a Faust table value): open windows, watermark, references."""
@@ -282,8 +285,26 @@ class SignalState:
     pending_references: dict[str, list[float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict (the changelog value)."""
-        return asdict(self)
+        """A JSON-able dict (the changelog value).
+
+        It shares this state's lists and dicts (serialize it before the state changes):
+        `dataclasses.asdict` deep-copied every window's histograms, 15 ms per control
+        batch with a few dozen open windows, about 9% of a worker's CPU at 1k events/s
+        (py-spy), where this takes well under a millisecond.
+        """
+        return {
+            "scopes": self.scopes,
+            "watermark_us": self.watermark_us,
+            "next_close_us": self.next_close_us,
+            "windows": {
+                key: {name: getattr(acc, name) for name in _WINDOW_FIELDS}
+                for key, acc in self.windows.items()
+            },
+            "late": self.late,
+            "late_total": self.late_total,
+            "references": self.references,
+            "pending_references": self.pending_references,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SignalState:

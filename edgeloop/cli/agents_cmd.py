@@ -18,7 +18,7 @@ from edgeloop.core.settings import KafkaSettings, RegistrySettings, edgeloop_hom
     "web_port",
     type=int,
     help="Port of the worker's web server (/metrics, Faust's pages); each worker on a host "
-    "needs its own. [env EDGELOOP_AGENTS_WEB_PORT]",
+    "needs its own. [env EDGELOOP_AGENTS_WEB_PORT; default 6066]",
 )
 @click.option("--app-id", help="Faust app id = consumer group. [env EDGELOOP_AGENTS_APP_ID]")
 @click.option(
@@ -76,6 +76,7 @@ def agents(**options: Any) -> None:
     }
     settings = settings.model_copy(update={k: v for k, v in defaults.items() if k in unset})
     from edgeloop.agents.preflight import (
+        check_local,
         check_partitions,
         check_sources_exist,
         check_teacher,
@@ -89,6 +90,7 @@ def agents(**options: Any) -> None:
     # inside the running worker (agents/preflight.py): a broker that does not speak
     # Kafka, topics with another partition count, a teacher that is missing.
     kafka, registry, control = KafkaSettings.load(), RegistrySettings.load(), ControlSettings.load()
+    check_local(settings)
     check_teacher(settings)
     topics = require_kafka_answering(kafka.bootstrap, home)
     app = make_app(settings, kafka, registry, control=control)
@@ -166,7 +168,13 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
 
 @fleet.command()
 @click.argument("device_id", callback=_topic_level)
-@click.option("--cohort", default="default", show_default=True, callback=_topic_level)
+@click.option(
+    "--cohort",
+    default="default",
+    show_default=True,
+    callback=_topic_level,
+    help="The cohort the device belongs to: thresholds and releases are per cohort.",
+)
 @click.option("--hardware", default="raspberrypi5", show_default=True)
 @click.option("--target", default="pi5-cpu", show_default=True)
 @click.option("--site", default="", show_default=True)

@@ -89,9 +89,24 @@ def topics() -> None:
 @click.option("--replication", default=1, show_default=True)
 def create(partitions: int, replication: int) -> None:
     """Create every missing topic (compacted where the map says so)."""
-    from edgeloop.streams.topic_admin import ensure_topics
+    from edgeloop.cli.fixes import require_kafka_answering
+    from edgeloop.streams.topic_admin import all_topics, ensure_topics
 
+    home = edgeloop_home()
     bootstrap = KafkaSettings.load().bootstrap
-    with reachable(edgeloop_home(), kafka=bootstrap):
+    with reachable(home, kafka=bootstrap):
         created = asyncio.run(ensure_topics(bootstrap, partitions, replication))
     click.echo(f"created {len(created)} topics" + (f": {', '.join(created)}" if created else ""))
+    # Existing topics are left alone; one with another count (auto-created by a client
+    # that ran first, or made by hand) would be refused by the agents later: say it now.
+    counts = require_kafka_answering(bootstrap, home)
+    other = {t: counts[t] for t in all_topics() if t in counts and counts[t] != partitions}
+    if other:
+        listed = ", ".join(f"{t} has {n}" for t, n in sorted(other.items()))
+        click.secho(
+            f"warning: existing topics with another partition count than {partitions}, "
+            f"left as they are: {listed}; the agents need one count for the topics they "
+            f"read (EDGELOOP_AGENTS_PARTITIONS): re-create these or pass their count",
+            fg="yellow",
+            err=True,
+        )

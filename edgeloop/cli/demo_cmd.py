@@ -25,13 +25,11 @@ def _cohorts(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[
 
 def _check_writable(folder: Path, option: str) -> None:
     """Fail before anything starts when the report cannot be written there."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".edgeloop-write-check"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise click.UsageError(f"{option} {folder}: cannot write there ({exc.strerror})") from None
+    from edgeloop.core.folders import write_problem
+
+    problem = write_problem(folder)
+    if problem is not None:
+        raise click.UsageError(f"{option} {folder}: cannot write there ({problem})")
 
 
 @contextlib.contextmanager

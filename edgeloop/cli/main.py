@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from typing import Any
 
@@ -110,7 +112,7 @@ def main() -> None:
     except SettingsError as exc:
         # A nested setting's value that is not JSON (EDGELOOP_CONTROL_JUDGE__WAVE_SHARES=
         # [0.5,nan]): pydantic-settings names the field and the source, not the value.
-        click.secho(f"error: invalid settings: {exc}", fg="red", err=True)
+        click.secho(f"error: invalid settings: {exc}{_nested_hint(str(exc))}", fg="red", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -118,3 +120,19 @@ def main() -> None:
 def _message(err: Any) -> str:
     """pydantic's message without the "Value error, " it puts before a validator's own."""
     return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _nested_hint(message: str) -> str:
+    """The variables behind pydantic-settings' "error parsing value for field "judge"",
+    with their values, and the format such a value takes."""
+    found = re.search(r'field "(\w+)"', message)
+    if found is None:
+        return ""
+    part = found.group(1).upper()
+    given = sorted(
+        f"{name}={value!r}"
+        for name, value in os.environ.items()
+        if name.startswith("EDGELOOP_") and (f"_{part}__" in name or name.endswith(f"_{part}"))
+    )
+    where = f" ({', '.join(given)})" if given else ""
+    return f"{where}; a list or object value of a nested setting takes JSON, e.g. [0.1,0.5]"

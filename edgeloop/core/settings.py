@@ -197,8 +197,9 @@ class KafkaSettings(_Base):
             # The whole value is printed beside the message: name the entry only when
             # there are several to tell apart.
             where = f" in entry {entry!r}" if several else ""
-            if not (sep and host and port.isdigit()):
-                raise ValueError(f"expected host:port[,host:port...]{where}")
+            if not (sep and host and port.isdigit()) or "/" in host:
+                # "/" in the host: a URL (http://host:9092); Kafka addresses have no scheme.
+                raise ValueError(f"expected host:port[,host:port...] without a scheme{where}")
             if not 0 < int(port) < 65536:
                 raise ValueError(f"port {int(port)}{where} is outside 1..65535")
         return value

@@ -245,3 +245,22 @@ def workers() -> Any:
     yield started
     for w in started:
         w.stop()
+
+
+def listen_addresses(port: int) -> set[str]:
+    """The local addresses (IPv4 dotted, IPv6 hex) where a socket listens on `port`, from
+    /proc/net/tcp and tcp6 (Linux)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                local, state = line.split()[1], line.split()[3]
+                addr, _, hex_port = local.partition(":")
+                if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                    continue
+                if len(addr) == 8:  # IPv4, little-endian
+                    found.add(".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+                else:
+                    found.add(addr)
+    return found

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from edgeloop.infra.kafka import KafkaBroker
+from edgeloop.infra.testing import InfraEndpoints
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +83,34 @@ async def _topics(bootstrap: str, prefix: str) -> list[str]:
         return [t for t in await admin.list_topics() if t.startswith(prefix)]
     finally:
         await admin.close()
+
+
+async def test_fleet_register_before_the_topics_exist_creates_none_and_names_topics_create(
+    infra_stack: InfraEndpoints,
+    kafka_factory: Callable[[str], Awaitable[KafkaBroker]],
+    tmp_path: Path,
+) -> None:
+    """It used to succeed, the broker auto-creating fleet.devices.v1 with its defaults
+    (1 partition on Apache Kafka, 4 on Tansu; `delete`, not compacted), which
+    `topics create` then left as it was without a word."""
+    assert infra_stack.registry is not None
+    broker = await kafka_factory(infra_stack.kafka.flavor)
+    registry = {"EDGELOOP_REGISTRY_URL": infra_stack.registry.url}
+    code, err = await _edgeloop(tmp_path, broker.bootstrap, "fleet", "register", "pi-1", **registry)
+    assert code == 1, err
+    assert "fleet.devices.v1 does not exist" in err and "`edgeloop topics create" in err, err
+    assert not await _topics(broker.bootstrap, "fleet."), "the broker auto-created the topic"
+
+    # A topic made with another count before `topics create` is reported, not skipped.
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic("edge.status.v1", 4, 1)])
+    finally:
+        await admin.close()
+    code, err = await _edgeloop(tmp_path, broker.bootstrap, "topics", "create")
+    assert code == 0, err
+    assert "warning: existing topics with another partition count than 6" in err, err
+    assert "edge.status.v1 has 4" in err, err

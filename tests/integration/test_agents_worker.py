@@ -22,6 +22,7 @@ from edgeloop.tasks.digits import load_raw
 from edgeloop.trainer.hard_example_source import to_example_set
 from tests.integration.agents_support import (
     AgentsProcess,
+    listen_addresses,
     produce_raw,
     read_topic,
     start_at_end,
@@ -96,6 +97,9 @@ async def test_worker_enriches_dedupes_answers_and_dead_letters(
     await start_at_end(infra_stack.kafka.bootstrap, f"agents-{prefix}")
     worker.start()
     await worker.ready()
+    # Its web server (/metrics) on loopback only, as EDGELOOP_AGENTS_WEB_HOST says; Faust
+    # listened on every interface (its `web_bind`), whatever the setting.
+    assert listen_addresses(worker.port) == {"127.0.0.1"}
 
     # Inference events, each sent twice (a producer retry, a bridge redelivery).
     per_device = 50

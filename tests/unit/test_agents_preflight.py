@@ -125,3 +125,18 @@ def test_a_worker_whose_sources_are_missing_is_refused_naming_topics_create(
     message = str(caught.value)
     assert "do not exist yet: fleet.devices.v1;" in message, message
     assert "`edgeloop topics create --partitions 12`" in message, message
+
+
+def test_one_odd_topic_among_agreeing_ones_is_to_be_recreated_not_followed(
+    tmp_path: Path,
+) -> None:
+    """The fix said "set EDGELOOP_AGENTS_PARTITIONS=1" when only fleet.devices.v1 (auto-
+    created by a client) had 1 and every other topic had the worker's 12."""
+    settings = AgentsSettings(data_dir=tmp_path, verdicts=False, partitions=12)
+    declared = _declared(tmp_path, partitions=12)
+    existing = {**dict.fromkeys(declared, 12), "fleet.devices.v1": 1}
+    with pytest.raises(ConfigError) as caught:
+        check_partitions(declared, existing, settings)
+    message = str(caught.value)
+    assert "re-create fleet.devices.v1 with 12 partitions" in message, message
+    assert "EDGELOOP_AGENTS_PARTITIONS=1" not in message, message

@@ -446,6 +446,10 @@ def test_fleet_commands_with_kafka_down_name_it_and_leave_no_unclosed_client(
         ("EDGELOOP_REGISTRY_URL", "http://127.0.0.1:99999", "not a usable URL"),
         ("EDGELOOP_AGENTS_DRIFTING_COHORTS", '["a",', "not a JSON list"),
         ("EDGELOOP_AGENTS_DRIFTING_COHORTS", "a,b/c", "cohort 'b/c' contains '/'"),
+        # Taken whole as one cohort's name.
+        ("EDGELOOP_AGENTS_DRIFTING_COHORTS", '{"a":1}', "expected a comma-separated list"),
+        # Reported as "not reachable", where the address itself was wrong.
+        ("EDGELOOP_KAFKA_BOOTSTRAP", "http://127.0.0.1:9092", "without a scheme"),
     ],
 )
 def test_an_endpoint_or_list_setting_says_what_is_wrong_once(
@@ -456,3 +460,34 @@ def test_an_endpoint_or_list_setting_says_what_is_wrong_once(
     lines = [line for line in result.stderr.splitlines() if variable in line]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert lines[0].count(value) == 1, lines[0]  # the value shown once, not twice
+
+
+def test_a_web_port_in_use_is_named_with_the_option(tmp_path: Path, port: int) -> None:
+    """Faust failed after start-up with an OSError traceback among ~40 log lines."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        used = taken.getsockname()[1]
+        line = _error_line(
+            _edgeloop(tmp_path, port, "agents", "--no-verdicts", "--workers-web-port", str(used))
+        )
+    assert f"cannot listen on 127.0.0.1:{used}" in line and "--workers-web-port" in line, line
+
+
+def test_an_unusable_data_dir_is_named_with_the_option(tmp_path: Path, port: int) -> None:
+    """Faust said only FileNotFoundError(2, 'No such file or directory'), with a traceback."""
+    result = _edgeloop(tmp_path, port, "agents", "--no-verdicts", "--data-dir", "/proc/x")
+    line = _error_line(result)
+    assert "data folder /proc/x is not usable" in line and "--data-dir" in line, line
+
+
+def test_a_nested_list_that_is_not_json_names_the_variable_and_the_format(
+    tmp_path: Path, port: int
+) -> None:
+    """The line named the field ("judge") and pydantic-settings' source, nothing else."""
+    result = _edgeloop(
+        tmp_path, port, "control", "status", EDGELOOP_CONTROL_JUDGE__WAVE_SHARES="0.1,0.5"
+    )
+    line = _error_line(result)
+    assert "EDGELOOP_CONTROL_JUDGE__WAVE_SHARES='0.1,0.5'" in line, line
+    assert "takes JSON, e.g. [0.1,0.5]" in line, line
