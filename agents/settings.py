@@ -64,6 +64,9 @@ class AgentsSettings(_Base):
     # a moment before (the control log) can be listed so while its leader is elected. At
     # aiokafka's default (5 min) the control plane then stayed off for minutes.
     metadata_max_age_s: float = Field(10.0, gt=0)
+    # How long a stop on SIGINT/SIGTERM may take before the process exits anyway
+    # (agents/bounded_stop.py); a second signal exits at once.
+    stop_timeout_s: float = Field(30.0, gt=0)
     # A killed worker's partitions move to the others once its group session times out.
     session_timeout_s: float = Field(10.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0)

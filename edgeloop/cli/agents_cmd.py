@@ -58,7 +58,6 @@ def agents(**options: Any) -> None:
     Endpoints come from $EDGELOOP_HOME/infra.env and EDGELOOP_* variables; every setting
     also reads EDGELOOP_AGENTS_<NAME>, one per field of agents/settings.py.
     """
-    import faust
 
     from edgeloop.agents.app import make_app
     from edgeloop.agents.control.settings import ControlSettings
@@ -102,8 +101,11 @@ def agents(**options: Any) -> None:
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # Faust owns the loop and the signals; our logging setup stays in place.
-    worker = faust.Worker(
+    from edgeloop.agents.bounded_stop import BoundedStopWorker
+
+    worker = BoundedStopWorker(
         app,
+        stop_timeout_s=settings.stop_timeout_s,
         loglevel="info",
         quiet=True,
         override_logging=False,
