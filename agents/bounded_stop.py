@@ -30,6 +30,11 @@ class BoundedStopWorker(faust.Worker):
 
     def __init__(self, *args: Any, stop_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Faust's start-up spinner writes a backspace and a show-cursor escape even when
+        # its output is not a terminal: a worker's log file got "\b\x1b[?25h" glued to
+        # the line after start-up. Without a spinner Faust logs "Ready" instead.
+        if not self.stdout.isatty():
+            self.spinner = None
         self._stop_timeout_s = stop_timeout_s
         self._deadline: threading.Timer | None = None
 

@@ -111,16 +111,49 @@ def mqtt_settings(stack: InfraEndpoints) -> MqttSettings:
     return MqttSettings.load(stack.home)
 
 
+# Bridge log events that can each add duplicates (a redelivery of what was in flight), or
+# explain them; counted into a delivery failure's message.
+_REDELIVERY_EVENTS = (
+    "mqtt connected",
+    "mqtt disconnected",
+    "mqtt connection failed",
+    "mqtt protocol error",
+    "broker sent DISCONNECT",
+    "no PINGRESP",
+    "kafka produce failed",
+    "acknowledged on close",
+)
+
+
+def redelivery_events(*logs: Path) -> dict[str, int]:
+    """How often each of `_REDELIVERY_EVENTS` appears in the bridges' logs."""
+    text = "".join(log.read_text(errors="replace") for log in logs if log.exists())
+    return {event: text.count(event) for event in _REDELIVERY_EVENTS if event in text}
+
+
 def check_delivery(
-    event_ids: list[str], keys: list[str], expected: set[str], window: int, *, ordered: bool = True
+    event_ids: list[str],
+    keys: list[str],
+    expected: set[str],
+    window: int,
+    *,
+    ordered: bool = True,
+    logs: tuple[Path, ...] = (),
 ) -> None:
     """Every expected event once after dedup, duplicates within the window, and each
-    device's events in seq order (first occurrence wins, as a consumer dedups)."""
+    device's events in seq order (first occurrence wins, as a consumer dedups). A
+    failure names what the bridges' `logs` say about reconnects and produce retries."""
     counts = Counter(event_ids)
     missing = expected - set(counts)
-    assert not missing, f"{len(missing)} events lost, e.g. {sorted(missing)[:5]}"
+    assert not missing, (
+        f"{len(missing)} events lost, e.g. {sorted(missing)[:5]}; "
+        f"bridge log: {redelivery_events(*logs)}"
+    )
     duplicates = sum(c - 1 for c in counts.values())
-    assert duplicates <= window, f"{duplicates} duplicates exceed the in-flight window {window}"
+    assert duplicates <= window, (
+        f"{duplicates} duplicates exceed the in-flight window {window}; "
+        f"bridge log: {redelivery_events(*logs)}"
+    )
     seen: set[str] = set()
     last_seq: dict[str, int] = defaultdict(lambda: -1)
     for event_id, key in zip(event_ids, keys, strict=True):

@@ -186,3 +186,5 @@ async def test_worker_enriches_dedupes_answers_and_dead_letters(
     assert worker.metric("edgeloop_agents_dlq_total", stage="enrich") >= 5
     assert worker.metric("edgeloop_agents_teacher_batch_size_count") >= 1
     assert worker.proc is not None and worker.proc.poll() is None
+    # The log is plain text: Faust's start-up spinner wrote "\b\x1b[?25h" into a file.
+    assert not set(worker.log.read_text()) & {"\x1b", "\b"}

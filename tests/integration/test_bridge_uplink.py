@@ -66,7 +66,9 @@ async def test_no_event_is_lost_when_the_bridge_is_killed_twice(
         bootstrap, "edge.inference.v1", len(messages), key_prefix=prefix, timeout_s=240, idle_s=30
     )
     expected = {f"{prefix}-{d}:{s}" for d in range(50) for s in range(1000)}
-    check_delivery(got.event_ids, got.keys, expected, window=2 * RECEIVE_MAXIMUM)
+    check_delivery(
+        got.event_ids, got.keys, expected, window=2 * RECEIVE_MAXIMUM, logs=(bridge.log,)
+    )
 
 
 async def test_two_bridges_share_the_load_and_deliver_everything(
