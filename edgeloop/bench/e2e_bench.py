@@ -13,6 +13,10 @@ publish -> record in `edge.inference.v1` (the bridge) -> record in
 `edge.inference.enriched.v1` (the agents), by the records' CreateTime; offload publish ->
 CloudVerdict at the device. One host, one clock (time.time()).
 
+Beside the latencies, the mean cores each process used while the devices ran (Kafka,
+Mosquitto, the registry, the bridge, the worker, the device process, this one): on a
+machine with few cores, a stage that waits for the CPU shows as latency.
+
 Baselines in the same run: the broker's own PUBACK for the same messages (what the
 bridge and the agents add to MQTT alone), and the first rate for the later ones.
 Target (issue 11): publish -> enriched p99 <= 20 ms at 5,000 events/s offered. The
@@ -26,11 +30,13 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +44,17 @@ from aiokafka import AIOKafkaConsumer
 
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.fleet import FleetClient, new_record
+from edgeloop.bench import proc_cpu
 from edgeloop.bench.control_bench import _models, _Process
-from edgeloop.bench.e2e_figures import COLUMNS, LABELS, Stamps, rate_figures, table_rows, target
+from edgeloop.bench.e2e_figures import (
+    COLUMNS,
+    LABELS,
+    Stamps,
+    cores_line,
+    rate_figures,
+    table_rows,
+    target,
+)
 from edgeloop.core.settings import KafkaSettings
 from edgeloop.infra.ports import free_port
 from edgeloop.infra.stack import Stack, StackOptions
@@ -128,21 +143,39 @@ async def _tail(bootstrap: str, ready: asyncio.Event, seen: dict[str, float]) ->
         await consumer.stop()
 
 
-def _fleet(home: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    """Run the device process with `plan`; its stamps."""
+def _fleet(
+    home: Path, plan: dict[str, Any], pids: Mapping[str, int | None]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Run the device process with `plan`; its stamps, and the mean cores each process
+    (`pids`, the device process, this one) used while it ran."""
     plan_path, out = home / "plan.json", home / "stamps.json"
     plan_path.write_text(json.dumps(plan))
+    before, t0 = proc_cpu.snapshot(pids), time.monotonic()
+    # The device process is the only child that ends during a phase: the growth of the
+    # children's usage is its CPU time.
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own0 = time.process_time()
     subprocess.run(
         [sys.executable, "-m", "edgeloop.bench.e2e_devices", str(plan_path), str(out)],
         check=True, timeout=plan["duration_s"] + plan["linger_s"] + 120,
     )  # fmt: skip
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after, wall = proc_cpu.snapshot(pids), time.monotonic() - t0
+    before |= {"devices": 0.0, "bench": own0}
+    after |= {
+        "devices": children1.ru_utime
+        + children1.ru_stime
+        - children0.ru_utime
+        - children0.ru_stime,
+        "bench": time.process_time(),
+    }
     stamps: dict[str, Any] = json.loads(out.read_text())
-    return stamps
+    return stamps, proc_cpu.cores(before, after, wall)
 
 
 async def _phase(
     home: Path, stack: Stack, base_plan: dict[str, Any], *, rate: float, seconds: float,
-    phase: int,
+    phase: int, pids: Mapping[str, int | None],
 ) -> Stamps:  # fmt: skip
     """One offered rate: publish, then read what reached each topic."""
     # Linger: the agents may be far behind at a rate they cannot sustain; allow them to
@@ -156,7 +189,7 @@ async def _phase(
     try:
         async with asyncio.timeout(60):
             await ready.wait()
-        got = await asyncio.to_thread(_fleet, home, plan)
+        got, cores = await asyncio.to_thread(_fleet, home, plan, pids)
     finally:
         tail.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -171,7 +204,7 @@ async def _phase(
     return Stamps(
         offered_per_s=rate, send_seconds=got["send_seconds"], published=got["inference"],
         acked=got["acked"], bridged=bridged, enriched=enriched,
-        offloads=got["offload"], verdicts=got["verdicts"], consumed=consumed,
+        offloads=got["offload"], verdicts=got["verdicts"], consumed=consumed, cores=cores,
     )  # fmt: skip
 
 
@@ -235,9 +268,18 @@ async def _run(quick: bool, out_dir: Path, kafka: str) -> dict[str, Any]:
             await asyncio.gather(
                 bridge.wait_for("mqtt connected"), worker.wait_for("agents ready", "Worker ready")
             )
-            warm = await _phase(home, stack, base_plan, rate=rates[0], seconds=warm_up, phase=1)
+            pids = {
+                "kafka": stack.kafka.pid, "mosquitto": stack.mosquitto.pid,
+                "registry": stack.registry.pid, "bridge": bridge.proc.pid,
+                "agents": worker.proc.pid,
+            }  # fmt: skip
+            warm = await _phase(
+                home, stack, base_plan, rate=rates[0], seconds=warm_up, phase=1, pids=pids
+            )
             stamps = [
-                await _phase(home, stack, base_plan, rate=rate, seconds=seconds, phase=2 + i)
+                await _phase(
+                    home, stack, base_plan, rate=rate, seconds=seconds, phase=2 + i, pids=pids
+                )
                 for i, rate in enumerate(rates)
             ]
         finally:
@@ -270,6 +312,8 @@ def _report(
         "target_rate_per_s": TARGET_RATE,
         **met,
         "all_accounted": complete,
+        **{f"cores_at_{int(f['offered_per_s'])}": cores_line(f["cores"], os.cpu_count())
+           for f in per_rate},
         "control_reaction": _reaction_line(control_reaction(out_dir)),
     }  # fmt: skip
     return {

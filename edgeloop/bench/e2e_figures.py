@@ -33,6 +33,8 @@ class Stamps:
     verdicts: Mapping[str, float]  # CloudVerdict arrival at the device, by request id
     # Arrival at a bare aiokafka consumer of edge.inference.v1: the agents' baseline.
     consumed: Mapping[str, float] = field(default_factory=dict)
+    # Mean cores each process used while the devices ran (proc_cpu.cores), with "total".
+    cores: Mapping[str, float] = field(default_factory=dict)
 
 
 def latency(values: Sequence[float]) -> dict[str, float]:
@@ -86,7 +88,18 @@ def rate_figures(s: Stamps) -> dict[str, Any]:
         "verdicts": len(_deltas(s.offloads, s.verdicts)),
         "verdicts_missing": len(s.offloads) - len(_deltas(s.offloads, s.verdicts)),
         "offload_to_verdict": latency(_deltas(s.offloads, s.verdicts)),
+        "cores": dict(s.cores),
     }  # fmt: skip
+
+
+def cores_line(cores: Mapping[str, float], cpus: int | None) -> str:
+    """'1.93 of 2 cores: kafka 0.61, devices 0.58, ...' (largest first), or a note when
+    nothing was measured."""
+    if not cores:
+        return "not measured (no /proc)"
+    parts = sorted(((k, v) for k, v in cores.items() if k != "total"), key=lambda kv: -kv[1])
+    listed = ", ".join(f"{k} {v:.2f}" for k, v in parts)
+    return f"{cores.get('total', math.nan):.2f} of {cpus or '?'} cores: {listed}"
 
 
 COLUMNS = [

@@ -10,7 +10,14 @@ import math
 from pathlib import Path
 
 from edgeloop.bench.e2e_bench import control_reaction
-from edgeloop.bench.e2e_figures import COLUMNS, Stamps, rate_figures, table_rows, target
+from edgeloop.bench.e2e_figures import (
+    COLUMNS,
+    Stamps,
+    cores_line,
+    rate_figures,
+    table_rows,
+    target,
+)
 
 T0 = 1_800_000_000.0
 
@@ -104,3 +111,9 @@ def test_control_reaction_is_read_from_its_json_or_named(tmp_path: Path) -> None
     }))  # fmt: skip
     got = control_reaction(tmp_path)
     assert (got["drift_reaction_p99_s"], got["measured"]) == (7.7, "2026-11-29T10:00:00Z")
+
+
+def test_the_cores_line_lists_each_process_largest_first_with_the_total() -> None:
+    line = cores_line({"kafka": 0.61, "devices": 0.9, "bridge": 0.2, "total": 1.71}, 2)
+    assert line == "1.71 of 2 cores: devices 0.90, kafka 0.61, bridge 0.20"
+    assert cores_line({}, 2) == "not measured (no /proc)"
