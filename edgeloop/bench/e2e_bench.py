@@ -13,7 +13,8 @@ publish -> record in `edge.inference.v1` (the bridge) -> record in
 `edge.inference.enriched.v1` (the agents), by the records' CreateTime; offload publish ->
 CloudVerdict at the device. One host, one clock (time.time()).
 
-Beside the latencies, the mean cores each process used while the devices ran (Kafka,
+Beside the latencies, the mean cores each process used from the first publish to the
+last PUBACK and verdict of each rate (Kafka,
 Mosquitto, the registry, the bridge, the worker, the device process, this one): on a
 machine with few cores, a stage that waits for the CPU shows as latency.
 
@@ -30,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,7 +44,6 @@ from aiokafka import AIOKafkaConsumer
 
 from edgeloop.agents.codec import SchemaBook
 from edgeloop.agents.fleet import FleetClient, new_record
-from edgeloop.bench import proc_cpu
 from edgeloop.bench.control_bench import _models, _Process
 from edgeloop.bench.e2e_figures import (
     COLUMNS,
@@ -143,34 +142,16 @@ async def _tail(bootstrap: str, ready: asyncio.Event, seen: dict[str, float]) ->
         await consumer.stop()
 
 
-def _fleet(
-    home: Path, plan: dict[str, Any], pids: Mapping[str, int | None]
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """Run the device process with `plan`; its stamps, and the mean cores each process
-    (`pids`, the device process, this one) used while it ran."""
+def _fleet(home: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Run the device process with `plan`; its stamps."""
     plan_path, out = home / "plan.json", home / "stamps.json"
     plan_path.write_text(json.dumps(plan))
-    before, t0 = proc_cpu.snapshot(pids), time.monotonic()
-    # The device process is the only child that ends during a phase: the growth of the
-    # children's usage is its CPU time.
-    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own0 = time.process_time()
     subprocess.run(
         [sys.executable, "-m", "edgeloop.bench.e2e_devices", str(plan_path), str(out)],
         check=True, timeout=plan["duration_s"] + plan["linger_s"] + 120,
     )  # fmt: skip
-    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    after, wall = proc_cpu.snapshot(pids), time.monotonic() - t0
-    before |= {"devices": 0.0, "bench": own0}
-    after |= {
-        "devices": children1.ru_utime
-        + children1.ru_stime
-        - children0.ru_utime
-        - children0.ru_stime,
-        "bench": time.process_time(),
-    }
     stamps: dict[str, Any] = json.loads(out.read_text())
-    return stamps, proc_cpu.cores(before, after, wall)
+    return stamps
 
 
 async def _phase(
@@ -182,14 +163,15 @@ async def _phase(
     # drain (at about 1,000/s) before verdicts are given up for missing.
     linger = 30.0 + rate * seconds / 1000.0
     plan = {**base_plan, "rate": rate, "duration_s": seconds, "linger_s": linger,
-            "first_seq": phase * SEQ_STRIDE}  # fmt: skip
+            "first_seq": phase * SEQ_STRIDE,
+            "cpu_pids": {**pids, "bench": os.getpid()}}  # fmt: skip
     consumed: dict[str, float] = {}
     ready = asyncio.Event()
     tail = asyncio.create_task(_tail(stack.kafka.bootstrap, ready, consumed))
     try:
         async with asyncio.timeout(60):
             await ready.wait()
-        got, cores = await asyncio.to_thread(_fleet, home, plan, pids)
+        got = await asyncio.to_thread(_fleet, home, plan)
     finally:
         tail.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -204,7 +186,7 @@ async def _phase(
     return Stamps(
         offered_per_s=rate, send_seconds=got["send_seconds"], published=got["inference"],
         acked=got["acked"], bridged=bridged, enriched=enriched,
-        offloads=got["offload"], verdicts=got["verdicts"], consumed=consumed, cores=cores,
+        offloads=got["offload"], verdicts=got["verdicts"], consumed=consumed, cores=got["cores"],
     )  # fmt: skip
 
 

@@ -6,12 +6,15 @@ client over mutual TLS (its own certificate, as a Pi connects), subscribed to it
 `edgeloop/<d>/down/verdict`. Messages are encoded before the clock starts (inference is
 excluded, as the benchmark's issue asks) and paced in one thread at the offered rate;
 each one's publish time (time.time(), taken just before `publish`), its PUBACK time and
-each verdict's arrival time are written to OUT as JSON.
+each verdict's arrival time are written to OUT as JSON, with the mean cores each process
+named in the plan's `cpu_pids` (and this one) used from the first publish to the last
+PUBACK and verdict.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import sys
 import threading
@@ -24,6 +27,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgeloop.bench import proc_cpu
 from edgeloop.bench.fleet_load import inference_event
 from edgeloop.schemas import catalog
 from edgeloop.schemas.framing import SingleObjectCodec
@@ -156,6 +160,10 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
         total = int(plan["rate"] * plan["duration_s"])
         ids = [d.id for d in devices]
         msgs = encode_messages(ids, total, plan["offload_every"], plan["first_seq"])
+        # What every process of the system used from the first publish until the last
+        # PUBACK and verdict (encoding and connecting, before, are left out).
+        pids = {**plan.get("cpu_pids", {}), "devices": os.getpid()}
+        cpu_before, cpu_t0 = proc_cpu.snapshot(pids), time.monotonic()
         # Offloads ride on top of the inference events: pace by inference events so the
         # offered rate is `rate` events/s, offloads sent right after the event they cite.
         start = time.perf_counter()
@@ -175,6 +183,7 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
             or not offloads <= clock.verdicts.keys()
         ):
             time.sleep(0.05)
+        cores = proc_cpu.cores(cpu_before, proc_cpu.snapshot(pids), time.monotonic() - cpu_t0)
         return {
             "sent": len(msgs),
             "send_seconds": sent_s,
@@ -185,6 +194,7 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
             "acked": {k: v for d in devices for k, v in d.acked().items()},
             "verdicts": {k: v for k, v in clock.verdicts.items() if k in offloads},
             "bad_verdicts": clock.bad_verdicts,
+            "cores": cores,
         }  # fmt: skip
     finally:
         for d in devices:

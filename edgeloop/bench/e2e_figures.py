@@ -33,7 +33,8 @@ class Stamps:
     verdicts: Mapping[str, float]  # CloudVerdict arrival at the device, by request id
     # Arrival at a bare aiokafka consumer of edge.inference.v1: the agents' baseline.
     consumed: Mapping[str, float] = field(default_factory=dict)
-    # Mean cores each process used while the devices ran (proc_cpu.cores), with "total".
+    # Mean cores each process used from the first publish to the last PUBACK and verdict
+    # (proc_cpu.cores), with "total".
     cores: Mapping[str, float] = field(default_factory=dict)
 
 
