@@ -18,6 +18,7 @@ from edgeloop.agents.settings import AgentsSettings
 from edgeloop.artifacts.errors import ArtifactError, ArtifactNotFoundError
 from edgeloop.core.errors import ConfigError
 from edgeloop.core.folders import write_problem
+from edgeloop.schemas.topics import check_topics_exist
 
 
 def declared_partitions(app: Any) -> dict[str, int]:
@@ -64,10 +65,10 @@ def source_topics(app: Any) -> set[str]:
 def check_sources_exist(sources: set[str], existing: Mapping[str, int], partitions: int) -> None:
     """Refuse to start before the topics the worker reads exist.
 
-    A consumer that subscribes to a missing topic has the broker auto-create it (both
-    embedded brokers allow it, as Kafka does by default) with the broker's partition
-    count, not the worker's: the co-partitioning `check_partitions` protects would be
-    broken from the first event, with no error anywhere.
+    A consumer that subscribes to a missing topic has the broker auto-create it with the
+    broker's partition count, not the worker's (`schemas.topics.check_topics_exist`):
+    the co-partitioning `check_partitions` protects would be broken from the first
+    event, with no error anywhere.
 
     Args:
         sources: `source_topics(app)`.
@@ -77,13 +78,7 @@ def check_sources_exist(sources: set[str], existing: Mapping[str, int], partitio
     Raises:
         ConfigError: naming the missing topics and `edgeloop topics create`.
     """
-    missing = sorted(sources - existing.keys())
-    if missing:
-        raise ConfigError(
-            f"the topics the agents read do not exist yet: {', '.join(missing)}; create "
-            f"them first with `edgeloop topics create --partitions {partitions}` (a topic "
-            f"the broker auto-creates gets its default partition count, not the worker's)"
-        )
+    check_topics_exist(sources, existing, who="the agents read", partitions=partitions)
 
 
 def check_partitions(

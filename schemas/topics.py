@@ -5,6 +5,7 @@ Names end in the schema's major version (`.v1`), so an incompatible change is a 
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -52,6 +53,41 @@ def dlq_topic(topic: str) -> str:
     """`edge.inference.v1` -> `edge.inference.dlq.v1`."""
     base, _, version = topic.rpartition(".")
     return f"{base}.dlq.{version}"
+
+
+def check_topics_exist(
+    needed: Iterable[str], existing: Collection[str], *, who: str, partitions: int | None = None
+) -> None:
+    """Refuse to start a service before the topics it reads or writes exist.
+
+    A client that asks for a missing topic's metadata (a consumer's subscription, a
+    producer's first send or `partitions_for`) has the broker auto-create it (both
+    embedded brokers allow it, as Kafka does by default) with the broker's partition
+    count and `delete` cleanup, not the topic map's: the agents' co-partitioning, or a
+    compacted topic, broken from the first record with no error anywhere. `existing`
+    must come from a metadata request for all topics (`require_kafka_answering`), which
+    creates none.
+
+    Args:
+        needed: the topics the service reads or writes.
+        existing: the topic names the cluster has.
+        who: what needs them, for the message ("the bridge reads or writes").
+        partitions: the count `edgeloop topics create` is to be run with, when the
+            service has one of its own (the agents' EDGELOOP_AGENTS_PARTITIONS).
+
+    Raises:
+        ConfigError: naming the missing topics and `edgeloop topics create`.
+    """
+    missing = sorted(set(needed).difference(existing))
+    if missing:
+        create = "edgeloop topics create"
+        if partitions is not None:
+            create += f" --partitions {partitions}"
+        raise ConfigError(
+            f"the topics {who} do not exist yet: {', '.join(missing)}; create them first "
+            f"with `{create}` (a topic the broker auto-creates gets its default partition "
+            f"count and cleanup policy, not edgeloop's)"
+        )
 
 
 def subject_for(topic: str) -> str:
