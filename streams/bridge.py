@@ -9,10 +9,24 @@ from edgeloop.core.metrics import serve_metrics
 from edgeloop.core.runner import Service, run_services
 from edgeloop.core.settings import KafkaSettings, MqttSettings, RegistrySettings
 from edgeloop.schemas.registry.client import RegistryClient
+from edgeloop.streams import downlink, uplink
 from edgeloop.streams.downlink import Downlink
 from edgeloop.streams.metrics import BridgeMetrics
 from edgeloop.streams.settings import BridgeSettings
 from edgeloop.streams.uplink import Uplink
+
+
+def bridge_topics(settings: BridgeSettings) -> set[str]:
+    """Every topic the bridge reads or writes with `settings` (only the uplink's or the
+    downlink's when the other is off): `edgeloop bridge` refuses to start before they
+    exist, since the uplink's warm-up and the downlink's consumers would otherwise have
+    the broker auto-create them with its own defaults."""
+    topics: set[str] = set()
+    if settings.uplink:
+        topics |= uplink.WRITES
+    if settings.downlink:
+        topics |= downlink.READS | downlink.WRITES
+    return topics
 
 
 class _MetricsEndpoint:

@@ -61,6 +61,11 @@ KIND = {
     VERDICTS: DownlinkKind.VERDICT,
 }
 
+# What the downlink reads (the fleet state and what it publishes to devices) and writes
+# (the dead letters of what it publishes): `edgeloop bridge` checks they exist.
+READS = frozenset([FLEET, *KIND])
+WRITES = frozenset(dlq_topic(t) for t in KIND)
+
 EXPECTED_EVENT = {
     THRESHOLDS: "ThresholdUpdate",
     RELEASES: "ModelRelease",

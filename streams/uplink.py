@@ -71,6 +71,11 @@ log = get_logger(__name__)
 
 
 EXPECTED_SCHEMA = {kind: catalog.get(TOPICS[topic].event) for kind, topic in UPLINK_TOPIC.items()}
+# Every topic the uplink writes: the event topics, their dead letters, and the dead
+# letters of messages on an MQTT topic of no known kind (`edgeloop bridge` checks they exist).
+WRITES = frozenset(
+    [*UPLINK_TOPIC.values(), *(dlq_topic(t) for t in UPLINK_TOPIC.values()), UPLINK_DLQ]
+)
 T = TypeVar("T")
 ROUTE_SLICE = 128
 # Room for the topic (at most 65,535 bytes), the packet id and properties around a payload

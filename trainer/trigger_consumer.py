@@ -83,6 +83,16 @@ _BACKOFF = Backoff(initial_s=0.5, max_s=30.0)
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+def serve_topics(settings: TrainerServeSettings) -> set[str]:
+    """The topics `train serve` reads or writes: its triggers, their dead letters and the
+    releases. `edgeloop train serve` refuses to start before they exist: the first release
+    or dead letter would otherwise have the broker auto-create its topic with the broker's
+    defaults (the releases topic not compacted). The hard-example topic a trigger names
+    is not among them: its partitions are looked up in the metadata of all topics (which
+    creates none), and a trigger naming a missing one is dead-lettered."""
+    return {settings.triggers_topic, dlq_topic(settings.triggers_topic), settings.releases_topic}
+
+
 class TriggerConsumer:
     name = "trainer-trigger-consumer"
 

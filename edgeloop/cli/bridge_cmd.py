@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import click
@@ -69,14 +70,36 @@ def bridge(**options: Any) -> None:
     dead-letter topic with its reason. Run more processes (distinct --client-id) to share
     the load through the MQTT shared subscription.
     """
-    from edgeloop.streams.bridge import run_bridge
+    from edgeloop.cli.fixes import require_kafka_answering
+    from edgeloop.schemas.topics import check_topics_exist
+    from edgeloop.streams.bridge import bridge_topics, run_bridge
 
     overrides = {k: v for k, v in options.items() if v is not None}
     settings = load_settings(BridgeSettings, **overrides)
     home = edgeloop_home()
     mqtt, kafka = MqttSettings.load(home), KafkaSettings.load(home)
     with reachable(home, kafka=kafka.bootstrap, mqtt=(mqtt.host, mqtt.port), registry=True):
+        # MQTT first, as the bridge itself would fail: with the whole stack down, the
+        # line names the MQTT broker (and `infra up`), as it did before the topic check.
+        _require_listening(mqtt.host, mqtt.port)
+        # The uplink's warm-up and the downlink's consumers ask for their topics' metadata:
+        # a missing topic would be auto-created by the broker with its own partition
+        # count (the agents' co-partitioning broken) and `delete` cleanup (the compacted
+        # fleet, threshold and release topics). Metadata of all topics creates none.
+        existing = require_kafka_answering(kafka.bootstrap, home)
+        check_topics_exist(bridge_topics(settings), existing, who="the bridge reads or writes")
         asyncio.run(run_bridge(settings, mqtt, kafka, RegistrySettings.load(home)))
+
+
+def _require_listening(host: str, port: int) -> None:
+    """A TCP connection to `host:port`; a failure is raised as the ConnectionError that
+    `reachable` names (a timeout, say, is an OSError that is not one)."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionError:
+        raise
+    except OSError as exc:
+        raise ConnectionError(f"{host}:{port}: {exc}") from exc
 
 
 @click.group()

@@ -159,12 +159,14 @@ def serve(**options: Any) -> None:
     """
     import asyncio
 
+    from edgeloop.cli.fixes import require_kafka_answering
     from edgeloop.core.runner import run_services
     from edgeloop.core.settings import KafkaSettings, RegistrySettings
     from edgeloop.schemas.registry.client import RegistryClient
+    from edgeloop.schemas.topics import check_topics_exist
     from edgeloop.trainer.home import TrainerHome
     from edgeloop.trainer.serve_settings import TrainerServeSettings
-    from edgeloop.trainer.trigger_consumer import TriggerConsumer
+    from edgeloop.trainer.trigger_consumer import TriggerConsumer, serve_topics
 
     overrides = {k: v for k, v in options.items() if v is not None}
     if "out" in overrides:
@@ -175,6 +177,11 @@ def serve(**options: Any) -> None:
     for name in (PRIVATE_KEY_NAME, PUBLIC_KEY_NAME):
         require_key(keys / name, "set EDGELOOP_TRAINER_KEYS_DIR")
     kafka, registry_settings = KafkaSettings.load(), RegistrySettings.load()
+    # Before any client of ours asks for one of its topics: a missing one would be
+    # auto-created by the broker with its own defaults (the first release or dead letter
+    # did so). Metadata of all topics creates none.
+    existing = require_kafka_answering(kafka.bootstrap, edgeloop_home())
+    check_topics_exist(serve_topics(settings), existing, who="`train serve` reads or writes")
 
     async def main() -> None:
         async with RegistryClient.from_settings(registry_settings) as registry:
