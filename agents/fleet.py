@@ -82,6 +82,13 @@ async def _stop(consumer: AIOKafkaConsumer) -> None:
             raise
 
 
+def _fleet_topic_missing() -> ConfigError:
+    return ConfigError(
+        f"topic {FLEET_TOPIC} does not exist: create the topics first with "
+        f"`edgeloop topics create --partitions N` (N = EDGELOOP_AGENTS_PARTITIONS)"
+    )
+
+
 class FleetClient:
     """Reads the whole fleet topic, writes one record at a time (acks=all)."""
 
@@ -108,10 +115,7 @@ class FleetClient:
             # co-partitioned with the agents' inputs. Metadata of all topics creates none.
             cluster = await producer.client.fetch_all_metadata()
             if FLEET_TOPIC not in cluster.topics():
-                raise ConfigError(
-                    f"topic {FLEET_TOPIC} does not exist: create the topics first with "
-                    f"`edgeloop topics create --partitions N` (N = EDGELOOP_AGENTS_PARTITIONS)"
-                )
+                raise _fleet_topic_missing()
             await producer.send_and_wait(FLEET_TOPIC, value, key=record["device_id"].encode())
         finally:
             await producer.stop()
@@ -135,6 +139,10 @@ class FleetClient:
             cluster = await consumer._client.fetch_all_metadata()
             parts = cluster.partitions_for_topic(FLEET_TOPIC) or set()
             tps = [TopicPartition(FLEET_TOPIC, p) for p in sorted(parts)]
+            if FLEET_TOPIC not in cluster.topics():
+                # Not an empty fleet: after `infra down` on Tansu every topic is gone, and
+                # an empty listing would not say so.
+                raise _fleet_topic_missing()
             if not tps:
                 return fleet
             consumer.assign(tps)

@@ -83,9 +83,19 @@ def check_topics_exist(
         create = "edgeloop topics create"
         if partitions is not None:
             create += f" --partitions {partitions}"
+        # `topics create` makes the topic map's topics only: one renamed by a setting is
+        # the operator's to create.
+        in_map = {*TOPICS, *(dlq_topic(t) for t in TOPICS), UPLINK_DLQ}
+        own = [t for t in missing if t not in in_map]
+        how = f"with `{create}`"
+        if own:
+            how += (
+                f" ({', '.join(own)} not in edgeloop's topic map: create "
+                f"{'it' if len(own) == 1 else 'them'} with your Kafka tools)"
+            )
         raise ConfigError(
             f"the topics {who} do not exist yet: {', '.join(missing)}; create them first "
-            f"with `{create}` (a topic the broker auto-creates gets its default partition "
+            f"{how} (a topic the broker auto-creates gets its default partition "
             f"count and cleanup policy, not edgeloop's)"
         )
 

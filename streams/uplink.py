@@ -270,6 +270,14 @@ class Uplink:
                 for kind, topic in UPLINK_TOPIC.items():
                     await producer.partitions_for(topic)
                     await self.ids.id_for(subject_for(topic), EXPECTED_SCHEMA[kind])
+        except UnregisteredSchemaError as exc:
+            # Not transient: every event of this kind is dead-lettered until an operator
+            # registers the schemas, so say it where an operator looks.
+            log.warning(
+                "a schema the uplink frames with is not registered: its events go to the "
+                "dead-letter topic until `edgeloop schemas register` is run",
+                extra={"error": str(exc)},
+            )
         except (TimeoutError, KafkaError, EdgeloopError, OSError) as exc:
             log.info("warm-up incomplete; continuing", extra={"error": repr(exc)})
 

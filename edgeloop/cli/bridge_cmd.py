@@ -76,6 +76,13 @@ def bridge(**options: Any) -> None:
 
     overrides = {k: v for k, v in options.items() if v is not None}
     settings = load_settings(BridgeSettings, **overrides)
+    if not settings.uplink and not settings.downlink:
+        # It used to exit 0 at once without a word.
+        raise click.UsageError(
+            "both the uplink and the downlink are off (--no-uplink/--no-downlink or "
+            "EDGELOOP_BRIDGE_UPLINK/EDGELOOP_BRIDGE_DOWNLINK=false): nothing to run; keep "
+            "at least one on"
+        )
     home = edgeloop_home()
     mqtt, kafka = MqttSettings.load(home), KafkaSettings.load(home)
     with reachable(home, kafka=kafka.bootstrap, mqtt=(mqtt.host, mqtt.port), registry=True):

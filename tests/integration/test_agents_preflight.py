@@ -100,6 +100,10 @@ async def test_fleet_register_before_the_topics_exist_creates_none_and_names_top
     assert code == 1, err
     assert "fleet.devices.v1 does not exist" in err and "`edgeloop topics create" in err, err
     assert not await _topics(broker.bootstrap, "fleet."), "the broker auto-created the topic"
+    # Listing printed nothing and exited 0 (a fleet gone with Tansu's topics looked empty).
+    code, err = await _edgeloop(tmp_path, broker.bootstrap, "fleet", "list", **registry)
+    assert code == 1, err
+    assert "fleet.devices.v1 does not exist" in err, err
 
     # A topic made with another count before `topics create` is reported, not skipped.
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic

@@ -23,8 +23,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from edgeloop.artifacts import generate_keypair
 from edgeloop.infra.kafka import KafkaBroker
+from edgeloop.infra.registry_proc import RegistryProcess
 from edgeloop.infra.testing import InfraEndpoints
-from edgeloop.streams.topic_admin import all_topics
+from edgeloop.streams.topic_admin import all_topics, ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -132,3 +133,42 @@ async def test_train_serve_without_the_topics_it_writes_creates_none_and_names_t
     assert "ml.model-releases.v1" in error and "ml.training-triggers.dlq.v1" in error, error
     assert "ml.training-triggers.v1," not in error, error
     assert await _edgeloop_topics(broker.bootstrap) == ["ml.training-triggers.v1"]
+
+
+async def test_a_bridge_whose_schemas_are_not_registered_says_to_register_them(
+    infra_stack: InfraEndpoints,
+    kafka_factory: Callable[[str], Awaitable[KafkaBroker]],
+    tmp_path: Path,
+) -> None:
+    """The bridge does not register schemas (operators do). Started before
+    `edgeloop schemas register`, it dead-letters every event as `unregistered_schema`,
+    and said so only in an info line ("warm-up incomplete"): a newcomer following the
+    README saw nothing. Now a warning names the command."""
+    broker = await kafka_factory(infra_stack.kafka.flavor)
+    await ensure_topics(broker.bootstrap)
+    registry = RegistryProcess(tmp_path / "registry", broker.bootstrap)  # no subjects
+    await registry.start()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_")}
+    environ.update(
+        _env(infra_stack, broker),
+        EDGELOOP_HOME=str(tmp_path),
+        EDGELOOP_REGISTRY_URL=registry.url,
+    )
+    log = tmp_path / "bridge.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeloop", "--log-level", "warning", "bridge",
+            "--no-downlink", env=environ, stdout=out, stderr=out,
+        )  # fmt: skip
+    try:
+        async with asyncio.timeout(STARTED_S):
+            while "edgeloop schemas register" not in log.read_text():
+                assert proc.returncode is None, log.read_text()
+                await asyncio.sleep(0.2)
+        line = next(x for x in log.read_text().splitlines() if "schemas register" in x)
+        assert "level=warning" in line and "dead-letter" in line, line
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        await registry.stop()

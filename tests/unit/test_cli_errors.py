@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -491,3 +492,23 @@ def test_a_nested_list_that_is_not_json_names_the_variable_and_the_format(
     line = _error_line(result)
     assert "EDGELOOP_CONTROL_JUDGE__WAVE_SHARES='0.1,0.5'" in line, line
     assert "takes JSON, e.g. [0.1,0.5]" in line, line
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"args": ("--no-uplink", "--no-downlink")},
+        {"env": {"EDGELOOP_BRIDGE_UPLINK": "false", "EDGELOOP_BRIDGE_DOWNLINK": "false"}},
+    ],
+    ids=["options", "variables"],
+)
+def test_a_bridge_with_both_sides_off_is_a_usage_error(
+    tmp_path: Path, port: int, how: dict[str, Any]
+) -> None:
+    """It exited 0 at once without a word."""
+    result = _edgeloop(
+        tmp_path, port, "bridge", "--client-id", "b9", *how.get("args", ()), **how.get("env", {})
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "nothing to run" in result.stderr and "--no-uplink" in result.stderr, result.stderr
+    assert "not reachable" not in result.stderr

@@ -73,3 +73,23 @@ def test_train_serve_needs_its_triggers_their_dead_letters_and_the_releases() ->
     assert topics <= all_topics().keys()
     custom = TrainerServeSettings(triggers_topic="t.triggers.v1", releases_topic="t.releases.v1")
     assert serve_topics(custom) == {"t.triggers.v1", "t.triggers.dlq.v1", "t.releases.v1"}
+
+
+def test_a_topic_outside_the_topic_map_is_left_to_the_operators_tools() -> None:
+    """`topics create` makes only the topic map's topics: advising it for a topic renamed
+    by a setting (EDGELOOP_TRAINER_TRIGGERS_TOPIC=my.triggers) could never help."""
+    with pytest.raises(ConfigError) as caught:
+        check_topics_exist(
+            {"my.triggers", "ml.model-releases.v1", "ml.training-triggers.dlq.v1"},
+            set(),
+            who="`train serve` reads or writes",
+        )
+    message = str(caught.value)
+    assert "(my.triggers not in edgeloop's topic map: create it with your Kafka tools)" in (
+        message
+    ), message
+    # The map's own topics, dead letters included, are still `topics create`'s.
+    assert "ml.model-releases.v1" not in message.split("(")[1], message
+    with pytest.raises(ConfigError) as only_map:
+        check_topics_exist({"edge.uplink.dlq.v1", "edge.status.dlq.v1"}, set(), who="x")
+    assert "Kafka tools" not in str(only_map.value)
