@@ -72,6 +72,11 @@ class PublishResult:
     sent: int
     seconds: float
     send_ns: dict[int, int] = field(default_factory=dict)
+    # CONNACKs received: more than one means paho reconnected, and resent (as MQTT
+    # requires) every PUBLISH not yet acknowledged: duplicates downstream that no bridge
+    # made, up to `inflight` per reconnect.
+    connects: int = 0
+    inflight: int = 0
 
 
 def publish_events(
@@ -99,9 +104,17 @@ def publish_events(
         client.username_pw_set(
             mqtt.username, mqtt.password.get_secret_value() if mqtt.password else None
         )
-    client.max_inflight_messages_set(1000)
+    inflight = 1000
+    client.max_inflight_messages_set(inflight)
     client.max_queued_messages_set(0)
     client.on_publish = on_publish
+    connects = 0
+
+    def on_connect(_c: paho.Client, _u: object, _f: object, _rc: object, _p: object) -> None:
+        nonlocal connects
+        connects += 1
+
+    client.on_connect = on_connect
     client.connect(mqtt.host, mqtt.port, keepalive=60)
     client.loop_start()
     start = time.perf_counter()
@@ -114,7 +127,9 @@ def publish_events(
             client.publish(topic, payload, qos=1)
         if messages and not done.wait(timeout_s):
             raise TimeoutError(f"only {acked} of {len(messages)} publishes acknowledged")
-        return PublishResult(len(messages), time.perf_counter() - start)
+        return PublishResult(
+            len(messages), time.perf_counter() - start, connects=connects, inflight=inflight
+        )
     finally:
         client.disconnect()
         client.loop_stop()
@@ -126,6 +141,9 @@ class Collected:
     keys: list[str] = field(default_factory=list)
     bridges: list[str] = field(default_factory=list)
     ack_ns: list[int] = field(default_factory=list)
+    # (partition, offset) of each record read: tells a record written twice from one
+    # read twice.
+    positions: list[tuple[int, int]] = field(default_factory=list)
 
 
 async def collect(
@@ -166,6 +184,7 @@ async def collect(
                     out.keys.append((rec.key or b"").decode())
                     out.bridges.append(headers.get("bridge", b"").decode())
                     out.ack_ns.append(rec.timestamp * 1_000_000)
+                    out.positions.append((rec.partition, rec.offset))
                     got = True
             if got:
                 last_new = time.monotonic()

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from edgeloop.bench.fleet_load import Collected
 from edgeloop.core.settings import MqttSettings
 from edgeloop.infra.testing import InfraEndpoints
 from edgeloop.schemas import catalog
@@ -131,6 +132,44 @@ def redelivery_events(*logs: Path) -> dict[str, int]:
     return {event: text.count(event) for event in _REDELIVERY_EVENTS if event in text}
 
 
+def distinct_records(got: Collected) -> tuple[list[str], list[str]]:
+    """`got`'s event ids and keys, each record once: a record read twice (at the same
+    partition and offset) is the reader's repeat, not a duplicate in Kafka."""
+    seen: set[tuple[int, int]] = set()
+    ids: list[str] = []
+    keys: list[str] = []
+    for event_id, key, position in zip(got.event_ids, got.keys, got.positions, strict=True):
+        if position not in seen:
+            seen.add(position)
+            ids.append(event_id)
+            keys.append(key)
+    return ids, keys
+
+
+def duplicate_report(got: Collected) -> str:
+    """Where the extra copies of `got`'s event ids come from: records at distinct offsets
+    (written twice) or one record read twice, and which bridge wrote each extra copy."""
+    first: dict[str, int] = {}
+    written_twice, read_twice = 0, 0
+    seen_positions: set[tuple[int, int]] = set()
+    writers: Counter[str] = Counter()
+    for i, event_id in enumerate(got.event_ids):
+        position = got.positions[i] if i < len(got.positions) else (-1, i)
+        if position in seen_positions:
+            read_twice += 1
+            continue
+        seen_positions.add(position)
+        if event_id in first:
+            written_twice += 1
+            writers[got.bridges[i]] += 1
+        else:
+            first[event_id] = i
+    return (
+        f"extra copies written at other offsets: {written_twice} (by {dict(writers)}); "
+        f"records read twice: {read_twice}"
+    )
+
+
 def check_delivery(
     event_ids: list[str],
     keys: list[str],
@@ -139,6 +178,7 @@ def check_delivery(
     *,
     ordered: bool = True,
     logs: tuple[Path, ...] = (),
+    context: str = "",
 ) -> None:
     """Every expected event once after dedup, duplicates within the window, and each
     device's events in seq order (first occurrence wins, as a consumer dedups). A
@@ -152,7 +192,7 @@ def check_delivery(
     duplicates = sum(c - 1 for c in counts.values())
     assert duplicates <= window, (
         f"{duplicates} duplicates exceed the in-flight window {window}; "
-        f"bridge log: {redelivery_events(*logs)}"
+        f"bridge log: {redelivery_events(*logs)}; {context}"
     )
     seen: set[str] = set()
     last_seq: dict[str, int] = defaultdict(lambda: -1)
