@@ -55,6 +55,15 @@ def dlq_topic(topic: str) -> str:
     return f"{base}.dlq.{version}"
 
 
+def all_topics() -> dict[str, bool]:
+    """Topic name -> compacted, for every topic edgeloop uses (dead-letter topics too):
+    what `edgeloop topics create` makes."""
+    topics = {spec.name: spec.compacted for spec in TOPICS.values()}
+    topics |= {dlq_topic(name): False for name in list(topics)}
+    topics[UPLINK_DLQ] = False
+    return topics
+
+
 def check_topics_exist(
     needed: Iterable[str], existing: Collection[str], *, who: str, partitions: int | None = None
 ) -> None:
@@ -85,7 +94,7 @@ def check_topics_exist(
             create += f" --partitions {partitions}"
         # `topics create` makes the topic map's topics only: one renamed by a setting is
         # the operator's to create.
-        in_map = {*TOPICS, *(dlq_topic(t) for t in TOPICS), UPLINK_DLQ}
+        in_map = all_topics()
         own = [t for t in missing if t not in in_map]
         how = f"with `{create}`"
         if own:

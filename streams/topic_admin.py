@@ -8,17 +8,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from edgeloop.core.logs import get_logger
-from edgeloop.schemas.topics import TOPICS, UPLINK_DLQ, dlq_topic
+from edgeloop.schemas.topics import all_topics
+
+__all__ = ["all_topics", "ensure_topics"]
 
 log = get_logger(__name__)
-
-
-def all_topics() -> dict[str, bool]:
-    """Topic name -> compacted, for every topic edgeloop uses (dead-letter topics too)."""
-    topics = {spec.name: spec.compacted for spec in TOPICS.values()}
-    topics |= {dlq_topic(name): False for name in list(topics)}
-    topics[UPLINK_DLQ] = False
-    return topics
 
 
 async def ensure_topics(bootstrap: str, partitions: int = 6, replication: int = 1) -> list[str]:

@@ -14,9 +14,9 @@ publish -> record in `edge.inference.v1` (the bridge) -> record in
 CloudVerdict at the device. One host, one clock (time.time()).
 
 Beside the latencies, the mean cores each process used from the first publish to the
-last PUBACK and verdict of each rate (Kafka,
-Mosquitto, the registry, the bridge, the worker, the device process, this one): on a
-machine with few cores, a stage that waits for the CPU shows as latency.
+last PUBACK and verdict of each rate (Kafka, Mosquitto, the registry, the bridge, the
+worker, the device process, this one): on a machine with few cores, a stage that waits
+for the CPU shows as latency.
 
 Baselines in the same run: the broker's own PUBACK for the same messages (what the
 bridge and the agents add to MQTT alone), and the first rate for the later ones.
